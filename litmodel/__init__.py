@@ -1,0 +1,1 @@
+"""litmodel: hackable recipes to pretrain, finetune and run LLMs with plain PyTorch."""
