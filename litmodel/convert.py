@@ -1,0 +1,152 @@
+"""Parameter-name and layout mapping between Hugging Face checkpoints and litmodel.
+
+Each direction is a *plan*: for every output tensor, the input tensor names it is built from and
+a function that builds it. Conversion scripts execute a plan one output tensor at a time, so a
+checkpoint is streamed, never held twice in memory.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from litmodel.config import Config
+
+Plan = dict[str, tuple[list[str], Callable[..., torch.Tensor]]]
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _transpose(t: torch.Tensor) -> torch.Tensor:  # GPT-2's Conv1D stores (in, out)
+    return t.t().contiguous()
+
+
+def _cat(*ts: torch.Tensor) -> torch.Tensor:
+    return torch.cat(ts, dim=0)
+
+
+def _neox_to_lit(config: Config) -> Callable[[torch.Tensor], torch.Tensor]:
+    """GPT-NeoX interleaves q, k, v per head: rows (head, qkv, hs) -> litmodel's (qkv, head, hs)."""
+    h, hs = config.n_head, config.head_size
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(h, 3, hs, *t.shape[1:]).transpose(0, 1).reshape(t.shape).contiguous()
+
+    return fn
+
+
+def _lit_to_neox(config: Config) -> Callable[[torch.Tensor], torch.Tensor]:
+    h, hs = config.n_head, config.head_size
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(3, h, hs, *t.shape[1:]).transpose(0, 1).reshape(t.shape).contiguous()
+
+    return fn
+
+
+def _layer_map(config: Config) -> tuple[dict[str, str], dict[str, tuple[str, ...]], str]:
+    """(one-to-one names, fused litmodel names -> HF parts, HF layer prefix) for one block."""
+    if config.model_type == "gpt2":
+        single = {"ln_1.weight": "norm_1.weight", "ln_1.bias": "norm_1.bias", "ln_2.weight": "norm_2.weight",
+                  "ln_2.bias": "norm_2.bias", "attn.c_attn.weight": "attn.qkv.weight",
+                  "attn.c_attn.bias": "attn.qkv.bias", "attn.c_proj.weight": "attn.proj.weight",
+                  "attn.c_proj.bias": "attn.proj.bias", "mlp.c_fc.weight": "mlp.fc.weight",
+                  "mlp.c_fc.bias": "mlp.fc.bias", "mlp.c_proj.weight": "mlp.proj.weight",
+                  "mlp.c_proj.bias": "mlp.proj.bias"}
+        return single, {}, "transformer.h.{}."
+    if config.model_type == "gpt_neox":
+        single = {"input_layernorm.weight": "norm_1.weight", "input_layernorm.bias": "norm_1.bias",
+                  "post_attention_layernorm.weight": "norm_2.weight", "post_attention_layernorm.bias": "norm_2.bias",
+                  "attention.query_key_value.weight": "attn.qkv.weight",
+                  "attention.query_key_value.bias": "attn.qkv.bias", "attention.dense.weight": "attn.proj.weight",
+                  "attention.dense.bias": "attn.proj.bias", "mlp.dense_h_to_4h.weight": "mlp.fc.weight",
+                  "mlp.dense_h_to_4h.bias": "mlp.fc.bias", "mlp.dense_4h_to_h.weight": "mlp.proj.weight",
+                  "mlp.dense_4h_to_h.bias": "mlp.proj.bias"}
+        return single, {}, "gpt_neox.layers.{}."
+    single = {"input_layernorm.weight": "norm_1.weight", "post_attention_layernorm.weight": "norm_2.weight",
+              "self_attn.o_proj.weight": "attn.proj.weight", "mlp.down_proj.weight": "mlp.proj.weight"}
+    fused = {"attn.qkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+             "mlp.fc.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
+    if config.attn_bias or config.bias:
+        fused["attn.qkv.bias"] = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
+    if config.bias:
+        single.update({"self_attn.o_proj.bias": "attn.proj.bias", "mlp.down_proj.bias": "mlp.proj.bias"})
+        fused["mlp.fc.bias"] = ("mlp.gate_proj.bias", "mlp.up_proj.bias")
+    return single, fused, "model.layers.{}."
+
+
+def _top_map(config: Config) -> dict[str, str]:
+    """HF name -> litmodel name for the tensors outside the blocks."""
+    if config.model_type == "gpt2":
+        top = {"transformer.wte.weight": "wte.weight", "transformer.wpe.weight": "wpe.weight",
+               "transformer.ln_f.weight": "norm_f.weight", "transformer.ln_f.bias": "norm_f.bias"}
+    elif config.model_type == "gpt_neox":
+        top = {"gpt_neox.embed_in.weight": "wte.weight", "gpt_neox.final_layer_norm.weight": "norm_f.weight",
+               "gpt_neox.final_layer_norm.bias": "norm_f.bias", "embed_out.weight": "lm_head.weight"}
+    else:
+        top = {"model.embed_tokens.weight": "wte.weight", "model.norm.weight": "norm_f.weight",
+               "lm_head.weight": "lm_head.weight"}
+    if config.model_type == "gpt2" and not config.tie_embeddings:
+        top["lm_head.weight"] = "lm_head.weight"
+    if config.tie_embeddings:
+        top = {k: v for k, v in top.items() if v != "lm_head.weight"}
+    return top
+
+
+def lit_to_hf_plan(config: Config) -> Plan:
+    """For every HF tensor name: (litmodel names it comes from, function building it)."""
+    plan: Plan = {hf: ([lit], _same) for hf, lit in _top_map(config).items()}
+    single, fused, prefix = _layer_map(config)
+    q = config.n_head * config.head_size
+    kv = config.n_query_groups * config.head_size
+    for i in range(config.n_layer):
+        hf_p, lit_p = prefix.format(i), f"blocks.{i}."
+        for hf, lit in single.items():
+            fn = _same
+            if config.model_type == "gpt2" and hf.endswith("weight") and not hf.startswith("ln"):
+                fn = _transpose
+            elif config.model_type == "gpt_neox" and "query_key_value" in hf:
+                fn = _lit_to_neox(config)
+            plan[hf_p + hf] = ([lit_p + lit], fn)
+        for lit, parts in fused.items():
+            sizes = (q, kv, kv) if lit.startswith("attn") else (config.intermediate_size,) * 2
+            for j, hf in enumerate(parts):
+                start = sum(sizes[:j])
+                plan[hf_p + hf] = ([lit_p + lit], lambda t, s=start, n=sizes[j]: t[s : s + n].contiguous())
+    return plan
+
+
+def hf_to_lit_plan(config: Config) -> Plan:
+    """For every litmodel tensor name: (HF names it is built from, function building it)."""
+    plan: Plan = {lit: ([hf], _same) for hf, lit in _top_map(config).items()}
+    single, fused, prefix = _layer_map(config)
+    for i in range(config.n_layer):
+        hf_p, lit_p = prefix.format(i), f"blocks.{i}."
+        for hf, lit in single.items():
+            fn = _same
+            if config.model_type == "gpt2" and hf.endswith("weight") and not hf.startswith("ln"):
+                fn = _transpose
+            elif config.model_type == "gpt_neox" and "query_key_value" in hf:
+                fn = _neox_to_lit(config)
+            plan[lit_p + lit] = ([hf_p + hf], fn)
+        for lit, parts in fused.items():
+            plan[lit_p + lit] = ([hf_p + p for p in parts], _cat)
+    return plan
+
+
+def hf_aliases(name: str) -> list[str]:
+    """Names an HF tensor may be stored under: GPT-2 checkpoints often lack the `transformer.`
+    prefix, and transformers 5 saves GPT-NeoX's `embed_out` as `lm_head`."""
+    if name.startswith("transformer."):
+        return [name, name[len("transformer."):]]
+    if name == "embed_out.weight":
+        return [name, "lm_head.weight"]
+    return [name]
+
+
+# Buffers some HF checkpoints carry that are not weights (recomputed by the model).
+IGNORED_HF_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq", ".attention.bias",
+                       ".attention.masked_bias")
