@@ -1,0 +1,19 @@
+"""Pretrain a Llama-family model (Llama, TinyLlama, SmolLM2, Qwen2.5, Mistral shapes) from scratch.
+
+    python pretrain/llama.py                                        # offline CPU default: configs/pretrain/llama-default.yaml
+    python pretrain/llama.py --config configs/pretrain/tinyllama-1.1b.yaml --devices 8 --num_nodes 4
+
+The recipe itself is litmodel/pretrain.py (shared with pretrain/gpt.py): read it top to bottom.
+"""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # also runs from a checkout that was not pip-installed
+
+from litmodel.pretrain import setup  # noqa: E402
+from litmodel.utils import cli_main  # noqa: E402
+
+if __name__ == "__main__":
+    cli_main(setup)("llama", ROOT / "configs" / "pretrain" / "llama-default.yaml", description=__doc__)
