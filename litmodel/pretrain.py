@@ -9,6 +9,8 @@ cosine schedule, periodic validation, logging and resumable checkpoints.
 from __future__ import annotations
 
 import math
+import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +55,8 @@ class SampleArgs:
 
 
 def main(fabric: Fabric, model_name: str | None, model_config: Config | None, out_dir: Path, data: DataArgs,
-         train: TrainArgs, eval: EvalArgs, resume: bool | str, seed: int, compile: bool, sample: SampleArgs) -> None:
+         train: TrainArgs, eval: EvalArgs, resume: bool | str, seed: int, compile: bool, sample: SampleArgs,
+         initial_checkpoint_dir: Path | None = None) -> None:
     out_dir = Path(out_dir)
     resume_from = resolve_resume(out_dir, resume)
     fabric.seed_everything(seed)
@@ -65,6 +68,10 @@ def main(fabric: Fabric, model_name: str | None, model_config: Config | None, ou
     tokenizer = Tokenizer(tokenizer_dir)
 
     # 2. the model
+    if initial_checkpoint_dir is not None:  # continued pretraining: the checkpoint's architecture and weights
+        from litmodel.checkpoint import load_config
+
+        model_name, model_config = None, load_config(initial_checkpoint_dir)
     config = resolve_config(model_name, model_config, tokenizer.vocab_size)
     block_size = train.max_seq_length or config.block_size
     if block_size > config.block_size:
@@ -81,6 +88,14 @@ def main(fabric: Fabric, model_name: str | None, model_config: Config | None, ou
     fabric.print(f"model: {config.name} ({config.model_type}), {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
                  f"parameters, block_size {block_size}, vocab {config.padded_vocab_size}")
     model = fabric.setup(model)
+    if initial_checkpoint_dir is not None and resume_from is None:
+        from litmodel.checkpoint import MODEL_FILE, mmap_safetensors
+
+        weights = mmap_safetensors(Path(initial_checkpoint_dir) / MODEL_FILE)
+        if config.tie_embeddings:
+            weights["lm_head.weight"] = weights["wte.weight"]
+        fabric.load_raw(weights, model)
+        fabric.print(f"initial weights from {initial_checkpoint_dir}")
     if compile:
         model = torch.compile(model)
     optimizer = fabric.setup_optimizers(build_optimizer(model, train))
@@ -173,6 +188,8 @@ def fit(fabric: Fabric, model, optimizer, train_loader, val_loader, state: dict,
             if fabric.is_global_zero:
                 prune_step_dirs(out_dir, keep=2)
             fabric.barrier()
+        if os.environ.get("LITMODEL_KILL_AT_STEP") == str(step):  # tests: a crash at a known point
+            os.kill(os.getpid(), signal.SIGKILL)
     summary = f"done: {state['step']} steps, {state['tokens']:,} tokens"
     if val_loss is not None:
         summary += f", final val loss {val_loss:.4f} (uniform baseline ln(vocab) = {math.log(config.vocab_size):.2f})"
@@ -241,7 +258,8 @@ def run(model_name: str | None = None, model_config: Config | None = None, out_d
         data: DataArgs = DataArgs(), train: TrainArgs = TrainArgs(), eval: EvalArgs = EvalArgs(),
         accelerator: str = "auto", devices: int | str = 1, num_nodes: int = 1, strategy: str = "auto",
         precision: str = "auto", resume: bool | str = False, seed: int = 42, compile: bool = False,
-        logger: Literal["csv", "tensorboard", "both"] = "both", sample: SampleArgs = SampleArgs()) -> None:
+        logger: Literal["csv", "tensorboard", "both"] = "both", sample: SampleArgs = SampleArgs(),
+        initial_checkpoint_dir: Path | None = None) -> None:
     """Pretrain a model from scratch on token shards.
 
     Args:
@@ -263,6 +281,7 @@ def run(model_name: str | None = None, model_config: Config | None = None, out_d
         compile: torch.compile the model.
         logger: csv, tensorboard or both (under out_dir).
         sample: The sample printed at the end.
+        initial_checkpoint_dir: Start from this checkpoint dir's architecture and weights (continued pretraining).
     """
     out_dir = Path(out_dir)
     resolve_resume(out_dir, resume)  # refuse to overwrite another run before any process starts
@@ -274,7 +293,8 @@ def run(model_name: str | None = None, model_config: Config | None = None, out_d
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
                     precision=resolve_precision(precision, accelerator), loggers=loggers,
                     activation_checkpointing=train.activation_checkpointing)
-    fabric.launch(main, model_name, model_config, out_dir, data, train, eval, resume, seed, compile, sample)
+    fabric.launch(main, model_name, model_config, out_dir, data, train, eval, resume, seed, compile, sample,
+                  initial_checkpoint_dir)
 
 
 def setup(family: str, default_config: Path | None, argv: list[str] | None = None, description: str = "") -> None:
