@@ -1,0 +1,136 @@
+"""Training-step throughput and MFU: forward + backward + AdamW step, one process.
+
+    python benchmarks/pretrain.py                      # all variants (several minutes on 2 cores)
+    python benchmarks/pretrain.py --models gpt-6x384 --precisions 32-true --allocators default,tuned
+
+Each variant runs in a fresh subprocess (so allocator settings and compiled code do not leak between
+variants) and reports the median step time after warm-up. MFU is measured against the peak
+matrix-product rate of the same dtype measured in the same run (litmodel.training.measure_peak_flops).
+Allocators: "default" is glibc malloc as it comes; "tuned" is what litmodel's entry points apply
+(litmodel.utils.tune_allocator: glibc keeps freed large buffers instead of unmapping them);
+"tcmalloc" preloads libtcmalloc_minimal when the system has it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes.util
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODELS = {
+    "gpt-6x384": dict(name="gpt-6x384", model_type="gpt2", block_size=256, vocab_size=50304, n_layer=6, n_head=6,
+                      n_embd=384, bias=True, tie_embeddings=True, learned_pos_emb=True, gelu_approximate="tanh",
+                      rotary_percentage=0.0),
+    "SmolLM2-135M": "SmolLM2-135M",
+}
+
+
+def tcmalloc_path() -> str | None:
+    hits = glob.glob("/usr/lib/*/libtcmalloc_minimal.so*") + glob.glob("/usr/lib/libtcmalloc_minimal.so*")
+    return sorted(hits)[0] if hits else None
+
+
+def worker(model: str, precision: str, compile: bool, batch: int, seq: int, steps: int, tuned: bool) -> dict:
+    import torch
+
+    from litmodel import build_model
+    from litmodel.config import Config
+    from litmodel.training import TrainArgs, build_optimizer, cross_entropy, flops_per_token, measure_peak_flops
+    from litmodel.utils import tune_allocator
+
+    if tuned:
+        tune_allocator()
+    spec = MODELS[model]
+    config = Config.from_name(spec, block_size=seq) if isinstance(spec, str) else Config(**{**spec, "block_size": seq})
+    dtype = torch.bfloat16 if "bf16" in precision else torch.float32
+    peak = measure_peak_flops(dtype, seconds=1.0)
+    m = build_model(config)
+    m.init_weights()
+    if precision == "bf16-true":
+        m = m.to(torch.bfloat16)
+    opt = build_optimizer(m, TrainArgs(lr=1e-4))
+    fwd = torch.compile(m) if compile else m
+    x = torch.randint(0, config.vocab_size, (batch, seq + 1))
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            logits = fwd(x[:, :-1])
+        loss = cross_entropy(logits, x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    median = statistics.median(times)
+    tok_s = batch * seq / median
+    return {"tokens_per_sec": tok_s, "mfu": tok_s * flops_per_token(config, seq) / peak, "peak_tflops": peak / 1e12,
+            "step_s": median, "params_m": sum(p.numel() for p in m.parameters()) / 1e6}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="gpt-6x384,SmolLM2-135M")
+    p.add_argument("--precisions", default="32-true,bf16-mixed,bf16-true")
+    p.add_argument("--compile", default="false,true")
+    p.add_argument("--allocators", default="default,tuned,tcmalloc")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(**json.loads(args.worker))))
+        return
+    import torch
+
+    from litmodel.training import cpu_supports_fast_bf16
+
+    print(f"torch {torch.__version__}, {os.cpu_count()} cores, oneDNN bf16 kernels: {cpu_supports_fast_bf16()}")
+    rows = []
+    for model in args.models.split(","):
+        for precision in args.precisions.split(","):
+            for compile in [c == "true" for c in args.compile.split(",")]:
+                for allocator in args.allocators.split(","):
+                    env = dict(os.environ)
+                    if allocator == "tcmalloc":
+                        lib = tcmalloc_path()
+                        if lib is None:
+                            print("tcmalloc: not installed (apt-get install libtcmalloc-minimal4), skipped")
+                            continue
+                        env["LD_PRELOAD"] = lib
+                    spec = dict(model=model, precision=precision, compile=compile, batch=args.batch, seq=args.seq,
+                                steps=args.steps, tuned=allocator == "tuned")
+                    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
+                                         capture_output=True, text=True)
+                    if out.returncode:
+                        print(f"{model} {precision} compile={compile} {allocator}: FAILED\n{out.stderr[-1500:]}")
+                        continue
+                    r = json.loads(out.stdout.strip().splitlines()[-1])
+                    rows.append((model, precision, "compile" if compile else "eager", allocator, r))
+                    print(f"{model:13s} {precision:10s} {'compile' if compile else 'eager':7s} {allocator:8s} "
+                          f"{r['tokens_per_sec']:8.0f} tok/s  MFU {100 * r['mfu']:5.1f}%  "
+                          f"(peak {r['peak_tflops'] * 1000:.0f} GFLOP/s, step {r['step_s']:.2f}s)", flush=True)
+    print("\n| model | precision | mode | allocator | tokens/s | MFU | peak GFLOP/s |\n|---|---|---|---|---|---|---|")
+    for model, precision, mode, allocator, r in rows:
+        print(f"| {model} | {precision} | {mode} | {allocator} | {r['tokens_per_sec']:.0f} | "
+              f"{100 * r['mfu']:.1f}% | {r['peak_tflops'] * 1000:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

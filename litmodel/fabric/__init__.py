@@ -1,0 +1,26 @@
+"""A small Fabric-like runtime on plain ``torch.distributed``.
+
+``Fabric`` launches processes (or joins the ones ``torchrun``/``srun`` started), places the model
+(single device, DDP, or FSDP2 ``fully_shard`` per transformer block), runs the forward under the
+chosen precision, and saves/loads training state (one file, or a sharded
+``torch.distributed.checkpoint`` directory under FSDP). See ``docs/fabric.md``.
+
+Modules: ``core`` (Fabric), ``environment`` (options, strategies, torchrun/SLURM detection),
+``launcher`` (spawning and supervising local workers), ``wrappers`` (precision, FabricModule,
+FabricDataLoader, RNG), ``checkpoint`` (checkpoint helpers, consolidation).
+"""
+
+from litmodel.fabric.checkpoint import consolidate_checkpoint, load_full_model_state
+from litmodel.fabric.core import Fabric
+from litmodel.fabric.environment import (ACCELERATORS, PRECISIONS, STRATEGIES, ClusterEnv, DDPStrategy, FSDPStrategy,
+                                         WorkerError, _first_slurm_host, detect_cluster_env)
+from litmodel.fabric.wrappers import (FabricDataLoader, FabricModule, capture_rng_state, restore_rng_state,
+                                      seed_everything)
+from litmodel.loggers import CSVLogger, Logger, TensorBoardLogger
+
+__all__ = [
+    "Fabric", "DDPStrategy", "FSDPStrategy", "FabricModule", "FabricDataLoader", "ClusterEnv",
+    "detect_cluster_env", "consolidate_checkpoint", "load_full_model_state", "capture_rng_state",
+    "restore_rng_state", "seed_everything", "CSVLogger", "TensorBoardLogger", "Logger", "WorkerError",
+    "ACCELERATORS", "STRATEGIES", "PRECISIONS",
+]

@@ -1,0 +1,243 @@
+"""What ``Fabric.setup*`` returns and how it runs: precision contexts, the module and data-loader
+wrappers, RNG helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def _apply_to_tensors(data: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(data, torch.Tensor):
+        return fn(data)
+    if isinstance(data, tuple) and hasattr(data, "_fields"):
+        return type(data)(*(_apply_to_tensors(d, fn) for d in data))
+    if isinstance(data, (list, tuple)):
+        return type(data)(_apply_to_tensors(d, fn) for d in data)
+    if isinstance(data, Mapping):
+        return type(data)((k, _apply_to_tensors(v, fn)) for k, v in data.items())
+    return data
+
+
+class _Precision:
+    def __init__(self, name: str, device_type: str) -> None:
+        self.name = name
+        self.device_type = device_type
+        low = torch.bfloat16 if name.startswith("bf16") else torch.float16
+        self.autocast_dtype = low if name.endswith("-mixed") else None
+        self.param_dtype = low if name in ("bf16-true", "16-true") else None
+
+    def forward_context(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
+
+    def convert_input(self, data: Any) -> Any:
+        if self.param_dtype is None:
+            return data
+        return _apply_to_tensors(data, lambda t: t.to(self.param_dtype) if t.is_floating_point() else t)
+
+    def convert_output(self, data: Any) -> Any:
+        if self.name == "32-true":
+            return data
+        return _apply_to_tensors(data, lambda t: t.float() if t.is_floating_point() and t.dtype != torch.float64 else t)
+
+
+class FabricModule(nn.Module):
+    """What ``fabric.setup`` returns: runs the forward under the precision's autocast, forwards
+    attribute access (``model.config``, ``model.set_kv_cache``...) to the original model, and
+    gives the original model's ``state_dict``/``named_parameters`` (no ``module.`` prefixes).
+    ``.module`` is the original (for FSDP: the sharded) model."""
+
+    def __init__(self, forward_module: nn.Module, original_module: nn.Module, precision: _Precision) -> None:
+        super().__init__()
+        self._forward_module = forward_module
+        self._original_module = original_module
+        self._precision = precision
+
+    @property
+    def module(self) -> nn.Module:
+        return self._original_module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = self._precision.convert_input((args, kwargs))
+        with self._precision.forward_context():
+            out = self._forward_module(*args, **kwargs)
+        return self._precision.convert_output(out)
+
+    def state_dict(self, *args: Any, **kwargs: Any):
+        return self._original_module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args: Any, **kwargs: Any):
+        return self._original_module.load_state_dict(*args, **kwargs)
+
+    def named_parameters(self, *args: Any, **kwargs: Any):  # names as in the original model
+        for name, p in self._original_module.named_parameters(*args, **kwargs):
+            yield _clean_name(name), p
+
+    def named_buffers(self, *args: Any, **kwargs: Any):
+        for name, b in self._original_module.named_buffers(*args, **kwargs):
+            yield _clean_name(name), b
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("_original_module"), name)
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    while True:
+        if isinstance(module, FabricModule):
+            module = module._original_module
+        elif isinstance(module, nn.parallel.DistributedDataParallel):
+            module = module.module
+        elif hasattr(module, "_orig_mod") and isinstance(module._orig_mod, nn.Module):  # torch.compile
+            module = module._orig_mod
+        else:
+            return module
+
+
+def _clean_name(name: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def _is_fsdp(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in _unwrap(module).modules())
+
+
+class _ResumableSampler(DistributedSampler):
+    """A seeded ``DistributedSampler`` that can skip the first ``skip`` samples once (resume)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        skip, self.skip = self.skip, 0
+        return iter(indices[skip:])
+
+
+class FabricDataLoader:
+    """Wraps a DataLoader: sets the sampler's epoch, moves batches to the device, and keeps a
+    resumable position. ``state_dict()`` is ``{"epoch", "batches_yielded", "samples_yielded",
+    "seed"}`` (``samples_yielded`` counts all ranks' samples; ``seed`` is the shuffle seed, restored
+    on load). Put the loader itself in the state given to ``fabric.save``/``fabric.load``: the next
+    ``iter()`` continues after the last batch handed out, skipping at the sampler level (no data is
+    read), also with another number of processes or another batch size (the position is kept in
+    global samples). Other loaders skip ``batches_yielded`` batches by iterating."""
+
+    def __init__(self, dataloader: DataLoader, device: torch.device | None) -> None:
+        self.dataloader = dataloader
+        self.device = device
+        self.epoch = 0
+        self.batches_yielded = 0
+        self._resume: dict | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataloader)
+
+    @property
+    def sampler(self):
+        return self.dataloader.sampler
+
+    def _samples_per_batch(self) -> int | None:
+        sampler, bs = self.dataloader.sampler, self.dataloader.batch_size
+        if isinstance(sampler, _ResumableSampler) and bs is not None:
+            return bs * sampler.num_replicas
+        return None
+
+    def __iter__(self) -> Iterator[Any]:
+        sampler = self.dataloader.sampler
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
+        resume, self._resume = self._resume, None
+        skip_batches = 0
+        if resume:
+            per_batch = self._samples_per_batch()
+            if per_batch and resume.get("samples_yielded") is not None:
+                local = int(resume["samples_yielded"]) // sampler.num_replicas
+                sampler.skip = local
+                self.batches_yielded = -(-local // self.dataloader.batch_size)
+            else:
+                skip_batches = self.batches_yielded = int(resume["batches_yielded"])
+        else:
+            self.batches_yielded = 0
+        iterator = iter(self.dataloader)
+        for _ in range(skip_batches):
+            next(iterator, None)
+        for batch in iterator:
+            self.batches_yielded += 1
+            yield _apply_to_tensors(batch, self._move) if self.device is not None else batch
+        self.epoch += 1
+        self.batches_yielded = 0
+
+    def _move(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device, non_blocking=self.device.type == "cuda")
+
+    def state_dict(self) -> dict:
+        per_batch = self._samples_per_batch()
+        samples = self.batches_yielded * per_batch if per_batch else None
+        seed = getattr(self.dataloader.sampler, "seed", None)
+        if self._resume is not None:  # loaded but not iterated yet: keep the loaded position
+            return dict(self._resume, epoch=self.epoch, seed=seed)
+        return {"epoch": self.epoch, "batches_yielded": self.batches_yielded, "samples_yielded": samples, "seed": seed}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.batches_yielded = int(state["batches_yielded"])
+        self._resume = {"batches_yielded": self.batches_yielded, "samples_yielded": state.get("samples_yielded")}
+        if state.get("seed") is not None and isinstance(self.dataloader.sampler, _ResumableSampler):
+            self.dataloader.sampler.seed = int(state["seed"])  # the saved shuffle order wins
+
+
+def seed_everything(seed: int) -> int:
+    """Seed python ``random``, numpy and torch (all devices)."""
+    import numpy as np
+
+    seed = int(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return seed
+
+
+def capture_rng_state() -> dict:
+    """RNG states of python, numpy, torch (and cuda) as tensors/lists: safe for ``weights_only`` loads."""
+    import numpy as np
+
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    import numpy as np
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
