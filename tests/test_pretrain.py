@@ -46,9 +46,9 @@ def run_cli(args, env=None, script="pretrain/gpt.py", timeout=240):
                           text=True, env=env, timeout=timeout)
 
 
-def debug_args(prepared, out_dir, *extra):
+def debug_args(prepared, out_dir, *extra, config=DEBUG):
     shards, tok = prepared
-    return ["--config", DEBUG, "--data.data_dir", shards, "--data.tokenizer_dir", tok, "--out_dir", out_dir, *extra]
+    return ["--config", config, "--data.data_dir", shards, "--data.tokenizer_dir", tok, "--out_dir", out_dir, *extra]
 
 
 def losses(out_dir):
@@ -56,9 +56,11 @@ def losses(out_dir):
         return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f) if r.get("loss")}
 
 
-def test_single_process_learns_and_output_loads_in_generate(prepared, tmp_path):
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_single_process_learns_and_output_loads_in_generate(prepared, tmp_path, family):
     out = tmp_path / "run"
-    result = run_cli(debug_args(prepared, out))
+    config = DEBUG if family == "gpt" else ROOT / "configs" / "pretrain" / "llama-debug.yaml"
+    result = run_cli(debug_args(prepared, out, config=config), script=f"pretrain/{family}.py")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "val loss" in result.stdout and "sample:" in result.stdout
     per_step = losses(out)
