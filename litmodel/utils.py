@@ -64,9 +64,11 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
 
 
 def cli_main(fn: Callable[..., T]) -> Callable[..., T]:
-    """Wrap an entry point so a ``LitModelError`` prints one line on stderr and exits with 1."""
+    """Wrap an entry point: tune the allocator, and print a ``LitModelError`` as one line on stderr
+    and exit with 1."""
 
     def wrapper(*args, **kwargs):
+        tune_allocator()
         try:
             return fn(*args, **kwargs)
         except LitModelError as err:
@@ -120,4 +122,6 @@ def tune_allocator() -> bool:
     ok = mallopt(M_MMAP_MAX, 0) == 1
     ok &= mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
     ok &= mallopt(M_TOP_PAD, 64 * 2**20) == 1
+    if ok:
+        os.environ["LITMODEL_ALLOCATOR_TUNED"] = "1"  # spawned workers (litmodel.fabric) do the same
     return bool(ok)

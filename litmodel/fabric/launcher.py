@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from litmodel.fabric.environment import WorkerError, detect_cluster_env
-from litmodel.utils import LitModelError
+from litmodel.utils import LitModelError, tune_allocator
 
 
 def _die_with_parent() -> None:
@@ -37,6 +37,8 @@ def _worker_main(fabric: "Fabric", fn: Callable, args: tuple, kwargs: dict, rank
     _die_with_parent()
     if os.getppid() != parent_pid:
         os._exit(1)
+    if os.environ.get("LITMODEL_ALLOCATOR_TUNED") == "1":  # the launching entry point tuned its allocator
+        tune_allocator()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), GROUP_RANK="0", NODE_RANK="0",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LITMODEL_LAUNCHED="1")
