@@ -1,0 +1,56 @@
+r"""Export a litmodel checkpoint dir as a Hugging Face model dir.
+
+    python scripts/convert_lit_checkpoint.py --checkpoint_dir checkpoints/org/name --out_dir hf/name
+
+Writes config.json, model.safetensors (sharded with model.safetensors.index.json above
+--max_shard_size), generation_config.json and the tokenizer files, so that
+`transformers.AutoModelForCausalLM.from_pretrained(out_dir)` gives the same logits.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also works from a checkout without install
+
+from litmodel.hf import convert_lit_checkpoint
+from litmodel.utils import cli_main
+
+
+def main(
+    checkpoint_dir: Path,
+    out_dir: Path,
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
+    max_shard_size: Union[int, str] = "5GB",
+) -> Path:
+    """Export a litmodel checkpoint dir as a Hugging Face model dir.
+
+    Args:
+        checkpoint_dir: litmodel checkpoint dir (model.safetensors + model_config.yaml).
+        out_dir: The Hugging Face dir to write (must differ from checkpoint_dir).
+        dtype: Cast floating-point weights to this dtype (default: keep each tensor's dtype).
+        max_shard_size: Largest safetensors file, in bytes or like 500MB / 5GB; larger models are sharded.
+    """
+    return convert_lit_checkpoint(checkpoint_dir, out_dir, dtype=dtype, max_shard_size=max_shard_size, verbose=True)
+
+
+def setup(argv: Optional[list[str]] = None) -> None:
+    from argparse import RawDescriptionHelpFormatter
+
+    from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
+
+    class HelpFormatter(DefaultHelpFormatter, RawDescriptionHelpFormatter):
+        pass
+
+    parser = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML file with any of the options below.")
+    parser.add_function_arguments(main)
+    args = parser.parse_args(argv).as_dict()
+    args.pop("config", None)
+    main(**args)
+
+
+if __name__ == "__main__":
+    cli_main(setup)()
