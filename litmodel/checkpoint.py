@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from litmodel.config import Config
-from litmodel.utils import LitModelError, atomic_file
+from litmodel.utils import LitModelError, atomic_file, skip_weight_init
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "model_config.yaml"
@@ -120,7 +120,7 @@ def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu", d
 
     d = check_checkpoint_dir(checkpoint_dir)
     config = config or load_config(d)
-    with torch.device("meta"):
+    with torch.device("meta"), skip_weight_init():
         model = build_model(config)
     state_dict = mmap_safetensors(d / MODEL_FILE)
     check_state_dict(model, state_dict, str(d / MODEL_FILE))

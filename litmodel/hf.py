@@ -34,7 +34,7 @@ from litmodel.checkpoint import CONFIG_FILE, MODEL_FILE, SAFETENSORS_DTYPES, loa
 from litmodel.config import HF_MODEL_TYPES, Config, name_to_config
 from litmodel.convert import IGNORED_HF_SUFFIXES, hf_aliases, hf_to_lit_plan, lit_to_hf_plan
 from litmodel.convert import _cat, _same  # the plans' layout-preserving functions
-from litmodel.utils import LitModelError, parse_dtype
+from litmodel.utils import LitModelError, parse_dtype, skip_weight_init
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -443,27 +443,6 @@ def _apply_meta(fn: Callable[..., torch.Tensor], metas: list[torch.Tensor]) -> t
         return (sum(m.shape[0] for m in metas), *metas[0].shape[1:]), metas[0].dtype
     out = fn(*metas)
     return tuple(out.shape), out.dtype
-
-
-@contextlib.contextmanager
-def skip_weight_init() -> Iterator[None]:
-    """Make `torch.nn.init` a no-op while building a model for its shapes only.
-
-    On the meta device, `nn.Embedding`'s `init.normal_` goes through torch._refs and imports
-    torch._dynamo: 2-4 s of start-up for nothing.
-    """
-    import torch.nn.init as init
-
-    names = [n for n in ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
-                         "kaiming_normal_", "xavier_uniform_", "xavier_normal_") if hasattr(init, n)]
-    saved = {n: getattr(init, n) for n in names}
-    try:
-        for n in names:
-            setattr(init, n, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for n, fn in saved.items():
-            setattr(init, n, fn)
 
 
 def expected_lit_shapes(config: Config) -> dict[str, tuple[int, ...]]:
