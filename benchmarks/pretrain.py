@@ -86,7 +86,8 @@ def worker(model: str, precision: str, compile: bool, batch: int, seq: int, step
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="gpt-6x384,SmolLM2-135M")
-    p.add_argument("--precisions", default="32-true,bf16-mixed,bf16-true")
+    p.add_argument("--precisions", default=None,
+                   help="default: 32-true,bf16-mixed,bf16-true where bf16 is fast, else 32-true only")
     p.add_argument("--compile", default="false,true")
     p.add_argument("--allocators", default="default,tuned,tcmalloc")
     p.add_argument("--batch", type=int, default=8)
@@ -101,7 +102,12 @@ def main() -> None:
 
     from litmodel.training import cpu_supports_fast_bf16
 
-    print(f"torch {torch.__version__}, {os.cpu_count()} cores, oneDNN bf16 kernels: {cpu_supports_fast_bf16()}")
+    fast_bf16 = cpu_supports_fast_bf16()
+    print(f"torch {torch.__version__}, {os.cpu_count()} cores, oneDNN bf16 kernels: {fast_bf16}")
+    if args.precisions is None:
+        args.precisions = "32-true,bf16-mixed,bf16-true" if fast_bf16 else "32-true"
+        if not fast_bf16:
+            print("bf16 skipped: this CPU has no native bf16 matmul kernels (pass --precisions to force)")
     rows = []
     for model in args.models.split(","):
         for precision in args.precisions.split(","):
