@@ -1,0 +1,301 @@
+"""Finetuning step throughput, MFU and memory on the SmolLM2-135M config (random weights, no download).
+
+    python benchmarks/finetune.py --threads 1 --bf16_tokens 8    # the recorded run: ~8 minutes on a shared 2-core box
+    python benchmarks/finetune.py --rounds 5                      # a quiet CPU with AVX512-BF16/AMX: all at 4 x 512
+
+Variants (the recipe's own step: Fabric precision + activation checkpointing, forward with
+positions/mask, `sft_loss`, backward, clipping, AdamW):
+
+* LoRA r=8 on query and value, batch ``--batch`` x ``--seq`` random tokens, in 32-true, bf16-mixed and
+  bf16-true, each with and without activation checkpointing. bf16 runs on a slow reference path on CPUs
+  without AVX512-BF16/AMX (about 100x slower than float32 here), so on such a CPU the bf16 variants run
+  at 1 x ``--bf16_tokens`` tokens instead (the table says which shape each row used).
+* Full finetuning, same model and batch (32-true), for LoRA vs full tokens/s.
+* Padded vs packed batches (LoRA, 32-true) on a dataset with lengths uniform in [64, 512]: useful
+  (non-padding) tokens/s.
+
+The variants run interleaved, one step each per round (round 0 is a warm-up and is not counted), and
+the table reports medians over rounds, because the machine is shared. MFU = tokens/s x
+`training.flops_per_token(config, T, backward)` / the matmul rate `training.measure_peak_flops` measured
+for the variant's dtype in the same round. Memory: the process's peak resident set during the step
+minus the resident set before it (glibc's free memory is trimmed first), i.e. activations, gradients,
+optimizer state and temporaries, not the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import platform
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from litmodel import Config, build_model  # noqa: E402
+from litmodel.data.sft import IGNORE_INDEX, PackedBatches, collate_fn, sft_loss  # noqa: E402
+from litmodel.fabric import Fabric  # noqa: E402
+from litmodel.finetune import CountTokens  # noqa: E402
+from litmodel.lora import apply_lora, mark_only_lora_as_trainable  # noqa: E402
+from litmodel.training import (TrainArgs, build_optimizer, cpu_supports_fast_bf16, flops_per_token,  # noqa: E402
+                               measure_peak_flops)
+
+
+# ---- memory of one step (Linux) ------------------------------------------------------------------
+def _status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _trim() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+# ---- data ----------------------------------------------------------------------------------------
+class MixedLengths:
+    """An `SFTDataset` stand-in: ``n`` random examples with lengths uniform in [lo, hi], prompts (the first
+    quarter) masked out of the labels."""
+
+    def __init__(self, n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        rng = random.Random(seed)
+        self.max_seq_length = hi
+        self.examples = []
+        for _ in range(n):
+            T = rng.randint(lo, hi)
+            ids = torch.randint(0, vocab, (T + 1,), generator=g)
+            labels = ids[1:].clone()
+            labels[: T // 4] = IGNORE_INDEX
+            self.examples.append((ids[:-1], labels))
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.examples[i][0], "labels": self.examples[i][1]}
+
+    def lengths(self) -> list[int]:
+        return [len(x) for x, _ in self.examples]
+
+
+def fixed_batches(B: int, T: int, vocab: int):
+    g = torch.Generator().manual_seed(0)
+    while True:
+        ids = torch.randint(0, vocab, (B, T + 1), generator=g)
+        yield {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "n_tokens": torch.tensor(B * T)}
+
+
+def loader_batches(dataset, B: int, seed: int = 0):
+    """Shuffled batches through the recipe's collate (padding or packed rows, plus the non-padding count)."""
+    collate = CountTokens(partial(collate_fn, pad_id=0))
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(dataset), generator=g).tolist()
+        for i in range(0, len(order) - B + 1, B):
+            yield collate([dataset[j] for j in order[i:i + B]])
+
+
+# ---- variants ------------------------------------------------------------------------------------
+@dataclass
+class Variant:
+    name: str
+    precision: str
+    ac: bool
+    method: str  # lora | full
+    data: str  # fixed | padded | packed
+    B: int
+    T: int
+    fabric: Fabric = None
+    model: object = None
+    optimizer: object = None
+    batches: object = None
+    times: list = field(default_factory=list)
+    tokens: list = field(default_factory=list)  # processed (B x T incl. padding)
+    useful: list = field(default_factory=list)  # non-padding
+    cpu_tokens: list = field(default_factory=list)  # per CPU-second of this process / threads
+    cpu_useful: list = field(default_factory=list)
+    peak: list = field(default_factory=list)
+    mfu: list = field(default_factory=list)
+    mem: list = field(default_factory=list)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32 if self.precision == "32-true" else torch.bfloat16
+
+
+def make_models(config: Config, variants: list[Variant]) -> None:
+    """One model per (method, parameter dtype, activation checkpointing); bf16-mixed shares the float32 one."""
+    torch.manual_seed(0)
+    base = build_model(config)
+    cache: dict = {}
+    for v in variants:
+        key = (v.method, v.precision == "bf16-true", v.ac)
+        v.fabric = Fabric(accelerator="cpu", devices=1, precision=v.precision, activation_checkpointing=v.ac)
+        v.fabric.launch()
+        if key not in cache:
+            import copy
+
+            m = copy.deepcopy(base)
+            if v.method == "lora":
+                apply_lora(m, targets=("query", "value"), r=8, alpha=16, dropout=0.0)
+                mark_only_lora_as_trainable(m)
+            if v.precision == "bf16-true":
+                m = m.to(torch.bfloat16)
+            m.train()
+            cache[key] = m
+        # the same module may be set up by two Fabrics (32-true and bf16-mixed differ only in autocast);
+        # activation checkpointing wraps blocks in place once
+        v.model = v.fabric.setup(cache[key])
+        v.optimizer = v.fabric.setup_optimizers(build_optimizer(v.model, TrainArgs(lr=1e-4, weight_decay=0.0)))
+    del base
+
+
+def run_step(v: Variant) -> tuple[float, float, int, int, int, float]:
+    batch = next(v.batches)
+    _trim()
+    rss0 = _status_kb("VmRSS")
+    have_peak = _reset_peak()
+    t0, c0 = time.perf_counter(), time.process_time()
+    logits = v.model(batch["input_ids"], positions=batch.get("positions"), mask=batch.get("mask"))
+    loss = sft_loss(logits, batch["labels"])
+    v.fabric.backward(loss)
+    v.fabric.clip_gradients(v.model, v.optimizer, max_norm=1.0)
+    v.fabric.step(v.optimizer)
+    v.optimizer.zero_grad(set_to_none=True)
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    peak_mb = (_status_kb("VmHWM") - rss0) / 1024 if have_peak else float("nan")
+    del logits, loss
+    B, T = batch["input_ids"].shape
+    return dt, cpu, B * T, int(batch["n_tokens"]), T, peak_mb
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="SmolLM2-135M-Instruct", help="registry config (random weights)")
+    p.add_argument("--batch", type=int, default=4, help="sequences per step")
+    p.add_argument("--seq", type=int, default=512, help="tokens per sequence (fixed-length variants)")
+    p.add_argument("--rounds", type=int, default=2, help="timed rounds (after one warm-up round)")
+    p.add_argument("--bf16_tokens", type=int, default=None,
+                   help="bf16 variants run at 1 x this many tokens (default: full batch where bf16 is fast, else 8)")
+    p.add_argument("--only", default=None, help="comma-separated variant names to run")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: all cores). On a shared machine use 1: two OpenMP threads that "
+                        "compete with another job for the cores stall each other at every barrier (5x swings)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    config = Config.from_name(args.model)
+    fast_bf16 = cpu_supports_fast_bf16()
+    bf16_B, bf16_T = (args.batch, args.seq) if fast_bf16 and args.bf16_tokens is None else (1, args.bf16_tokens or 8)
+    B, T = args.batch, args.seq
+    variants = [
+        Variant("lora 32-true", "32-true", False, "lora", "fixed", B, T),
+        Variant("lora 32-true +AC", "32-true", True, "lora", "fixed", B, T),
+        Variant("full 32-true", "32-true", False, "full", "fixed", B, T),
+        Variant("lora padded (64-512)", "32-true", False, "lora", "padded", B, T),
+        Variant("lora packed (64-512)", "32-true", False, "lora", "packed", B, T),
+        Variant("lora bf16-mixed", "bf16-mixed", False, "lora", "fixed", bf16_B, bf16_T),
+        Variant("lora bf16-mixed +AC", "bf16-mixed", True, "lora", "fixed", bf16_B, bf16_T),
+        Variant("lora bf16-true", "bf16-true", False, "lora", "fixed", bf16_B, bf16_T),
+        Variant("lora bf16-true +AC", "bf16-true", True, "lora", "fixed", bf16_B, bf16_T),
+    ]
+    if args.only:
+        wanted = {w.strip() for w in args.only.split(",")}
+        variants = [v for v in variants if v.name in wanted]
+    print(f"{args.model}: batch {B} x {T}; bf16 variants {bf16_B} x {bf16_T} "
+          f"(fast bf16: {fast_bf16}); threads {torch.get_num_threads()}", flush=True)
+    t_start = time.perf_counter()
+    make_models(config, variants)
+    mixed = MixedLengths(64, 64, T, config.vocab_size)
+    packed = PackedBatches(mixed, T, seed=0)
+    for v in variants:
+        v.batches = {"fixed": lambda v=v: fixed_batches(v.B, v.T, config.vocab_size),
+                     "padded": lambda v=v: loader_batches(mixed, v.B),
+                     "packed": lambda v=v: loader_batches(packed, v.B)}[v.data]()
+    for r in range(args.rounds + 1):
+        for v in variants:
+            if r == 0:  # warm-up (optimizer state, kernels, allocator) at a small shape; not counted
+                saved, v.batches = v.batches, fixed_batches(1, 8 if v.dtype == torch.bfloat16 else 64,
+                                                            config.vocab_size)
+                run_step(v)
+                v.batches = saved
+                continue
+            # the matmul rate of this dtype right now (the machine is shared), then the step
+            size = 2048 if v.dtype == torch.float32 or fast_bf16 else 256
+            peak = measure_peak_flops(v.dtype, "cpu", size=size, seconds=0.5)
+            dt, cpu, tokens, useful, seq, mem = run_step(v)
+            cpu_dt = cpu / torch.get_num_threads()  # the step's time had it had the cores to itself
+            fpt = flops_per_token(config, seq, backward="lora" if v.method == "lora" else "full")
+            v.times.append(dt)
+            v.tokens.append(tokens / dt)
+            v.useful.append(useful / dt)
+            v.cpu_tokens.append(tokens / cpu_dt)
+            v.cpu_useful.append(useful / cpu_dt)
+            v.peak.append(peak)
+            v.mfu.append(tokens / dt * fpt / peak)
+            v.mem.append(mem)
+            print(f"  round {r} {v.name}: {dt:.2f}s (cpu {cpu:.1f}s), {tokens / dt:.1f} tok/s, "
+                  f"{useful / dt:.1f} useful tok/s, "
+                  f"MFU {v.mfu[-1] * 100:.1f}% of {peak / 1e9:.1f} GFLOP/s, +{mem:.0f} MB "
+                  f"({time.perf_counter() - t_start:.0f}s)", flush=True)
+        if r == 0:
+            print(f"  warm-up done ({time.perf_counter() - t_start:.0f}s)", flush=True)
+    med = statistics.median
+    print(f"\ntotal {time.perf_counter() - t_start:.0f}s; medians of {args.rounds} interleaved rounds")
+    print("\n| variant | B x T | step s | tokens/s | useful tokens/s | tokens/s (CPU time) | useful tokens/s (CPU time) "
+          "| MFU | peak matmul GFLOP/s | step peak +MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for v in variants:
+        print(f"| {v.name} | {v.B} x {v.T if v.data == 'fixed' else '≤' + str(v.T)} | {med(v.times):.2f} | "
+              f"{med(v.tokens):.1f} | {med(v.useful):.1f} | {med(v.cpu_tokens):.1f} | {med(v.cpu_useful):.1f} | "
+              f"{med(v.mfu) * 100:.1f}% | {med(v.peak) / 1e9:.2f} | {med(v.mem):.0f} |")
+    by = {v.name: v for v in variants}
+
+    def ratio(a: str, b: str, key: str) -> str:
+        x, y = getattr(by[a], key), getattr(by[b], key)
+        per_round = ", ".join(f"{p / q:.2f}" for p, q in zip(x, y))
+        return f"{med(x) / med(y):.2f}x (per round: {per_round})"
+
+    if "lora 32-true" in by and "full 32-true" in by:
+        print(f"\nLoRA / full tokens/s: wall {ratio('lora 32-true', 'full 32-true', 'tokens')}; "
+              f"CPU time {ratio('lora 32-true', 'full 32-true', 'cpu_tokens')}")
+    if "lora packed (64-512)" in by and "lora padded (64-512)" in by:
+        lengths = mixed.lengths()
+        print(f"packed / padded useful tokens/s: wall {ratio('lora packed (64-512)', 'lora padded (64-512)', 'useful')}; "
+              f"CPU time {ratio('lora packed (64-512)', 'lora padded (64-512)', 'cpu_useful')} "
+              f"(mean example {sum(lengths) / len(lengths):.0f} tokens, {len(packed)} packed rows for {len(lengths)} "
+              f"examples)")
+    import os
+
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}")
+
+
+if __name__ == "__main__":
+    main()

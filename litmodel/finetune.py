@@ -1,0 +1,812 @@
+"""The finetuning recipe (LoRA and full), shared by `finetune/lora.py` and `finetune/full.py`.
+
+Read it top to bottom: `finetune_lora` / `finetune_full` are the command-line entry points (their
+arguments are the flags); they check the inputs before any process starts or any file is written,
+then `fabric.launch(main, ...)`. `main` loads the checkpoint dir and the data, applies LoRA (or keeps
+every weight trainable), restores a run when asked, calls `fit`, then writes ``out_dir/final/``.
+`fit` is the loop: gradient accumulation, clipping, warmup + cosine schedule, periodic validation
+with a greedy sample answer, logging and resumable checkpoints.
+
+Outputs (``out_dir``):
+
+* ``final/``: a checkpoint dir. LoRA: ``lora.safetensors`` + ``lora_config.yaml`` (which also names
+  ``base_checkpoint_dir``) and, unless ``--merge false``, the merged ``model.safetensors`` +
+  ``model_config.yaml`` + tokenizer files, so generate/*.py and scripts/convert_lit_checkpoint.py
+  use it as is. Full: ``model.safetensors`` + ``model_config.yaml`` + tokenizer files.
+* ``step-XXXXXX.pt`` (or a ``step-XXXXXX/`` DCP dir for full finetuning under FSDP): resumable state.
+  LoRA saves only the trainable (LoRA) weights, gathered, plus the optimizer state, counters, RNG
+  and data position, so it is small and resumes on any number of processes.
+* ``logs/metrics.csv`` (and/or ``tensorboard/``), ``samples.txt`` (the sample answers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import torch
+import torch.nn as nn
+import yaml
+
+from litmodel.checkpoint import (CONFIG_FILE, MODEL_FILE, SAFETENSORS_DTYPES, check_checkpoint_dir, load_config,
+                                 load_model, model_state_for_saving, read_safetensors_header, save_safetensors)
+from litmodel.data import sft as _sft
+from litmodel.data.sft import IGNORE_INDEX, JSONData, sft_loss
+from litmodel.fabric import Fabric, capture_rng_state, restore_rng_state
+from litmodel.lora import (LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, LoRAConfig, apply_lora, load_lora,
+                           mark_only_lora_as_trainable, merge_lora)
+from litmodel.training import (EvalArgs, SpeedMonitor, TrainArgs, accumulation_steps, build_optimizer,
+                               cpu_supports_fast_bf16, flops_per_token, format_eta, lr_at, measure_peak_flops,
+                               memory_mb, prune_step_dirs, resolve_precision, resolve_resume,
+                               save_final_checkpoint, set_lr, step_dir)
+from litmodel.utils import LitModelError, atomic_dir
+
+if _sft.JSON is JSONData:
+    class JSON(JSONData):
+        """Instruction/chat data from a .json (a list of records) or .jsonl file (``--data JSON``).
+
+        The same as `litmodel.data.sft.JSONData`; a subclass so that the short name resolves on the command line.
+        """
+
+        def __init__(self, json_path: Union[str, Path], val_split_fraction: float = 0.05,
+                     prompt_style: Optional[str] = None, packed: bool = False, seed: int = 42,
+                     num_workers: int = 0) -> None:
+            """
+            Args:
+                json_path: The data file: .json holding a list of records, or .jsonl with one record per line; a
+                    record is {"instruction", "input" (optional), "output"} or {"messages": [{"role", "content"}...]}.
+                val_split_fraction: Fraction of the records held out for validation (at least one record).
+                prompt_style: chat (the checkpoint's chat template) or alpaca (### Instruction / ### Response, for
+                    base models); default: chat when the tokenizer has a chat template, else alpaca.
+                packed: Pack training examples into rows of max_seq_length tokens (no padding; each example still
+                    attends only to itself).
+                seed: Seed of the validation split (the same split every run) and of the packing order.
+                num_workers: DataLoader worker processes.
+            """
+            super().__init__(json_path, val_split_fraction, prompt_style, packed, seed, num_workers)
+else:  # sft.py already provides a resolvable `JSON`
+    JSON = _sft.JSON
+
+QUANTIZE_MODES = ("bnb.nf4",)
+BASE_KEY = "base_checkpoint_dir"  # lora_config.yaml: where the base model of the adapter lives
+
+
+# ---- argument groups -----------------------------------------------------------------------------
+@dataclass
+class FinetuneTrainArgs(TrainArgs):
+    """Optimisation hyperparameters (``--train.*``).
+
+    Args:
+        global_batch_size: Sequences per optimizer step, over all processes (accumulation fills the gap).
+        micro_batch_size: Sequences per forward/backward on one process.
+        max_tokens: Pretraining only; finetuning runs epochs (leave unset).
+        max_steps: Stop after this many optimizer steps (the LR schedule still spans the epochs when they are set,
+            so a run stopped here continues unchanged with --resume auto); alone, it sets the schedule length.
+        epochs: Passes over the training data; sets the length of the LR schedule.
+        max_seq_length: Longer examples are truncated (the count is reported); default: the model's block_size.
+        lr: Peak learning rate (AdamW).
+        min_lr: The cosine schedule decays to this at the end of the schedule.
+        warmup_steps: Linear warmup steps.
+        weight_decay: AdamW weight decay on matrices (not norms, biases, embeddings).
+        beta1: AdamW beta1.
+        beta2: AdamW beta2.
+        max_norm: Clip the global gradient norm to this; null disables clipping.
+        activation_checkpointing: Recompute each transformer block in the backward pass (less memory, ~30% more
+            compute).
+        log_interval: Optimizer steps between log lines.
+        save_interval: Optimizer steps between resumable checkpoints (the last step is always saved).
+    """
+
+
+@dataclass
+class FinetuneEvalArgs(EvalArgs):
+    """Validation (``--eval.*``): loss on the validation split and a greedy sample answer.
+
+    Args:
+        interval: Optimizer steps between validations.
+        max_iters: Validation batches per validation.
+        initial_validation: Also validate before the first step.
+        final_validation: Validate after the last step.
+        sample_prompt: Prompt of the sample answer printed at each validation (formatted like the training data);
+            default: the first validation record's prompt, shown with its expected answer.
+        max_new_tokens: Length limit of the sample answer; 0 disables sampling.
+    """
+
+    interval: int = 50
+    max_iters: int = 50
+    sample_prompt: Optional[str] = None
+    max_new_tokens: int = 64
+
+
+@dataclass
+class LoRAArgs:
+    """LoRA hyperparameters (``--lora.*``).
+
+    Args:
+        r: Rank of the low-rank update B @ A.
+        alpha: The update is scaled by alpha / r.
+        dropout: Dropout on the input of the LoRA branch.
+        targets: Comma-separated layers to adapt: query, key, value (slices of the fused qkv), projection
+            (attention output), mlp (both MLP matrices), head (output head).
+    """
+
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.05
+    targets: str = "query,value"
+
+    def to_config(self) -> LoRAConfig:
+        return LoRAConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, targets=self.targets)
+
+
+def lora_train_defaults() -> FinetuneTrainArgs:
+    return FinetuneTrainArgs(global_batch_size=16, micro_batch_size=1, epochs=1, lr=3e-4, min_lr=0.0, warmup_steps=10,
+                     weight_decay=0.0, save_interval=200)
+
+
+def full_train_defaults() -> FinetuneTrainArgs:
+    return FinetuneTrainArgs(global_batch_size=16, micro_batch_size=1, epochs=1, lr=2e-5, min_lr=0.0, warmup_steps=10,
+                     weight_decay=0.02, save_interval=200)
+
+
+@dataclass
+class RunSpec:
+    """Everything `main` needs, in one picklable object (sent to spawned workers)."""
+
+    method: Literal["lora", "full"]
+    checkpoint_dir: Path
+    data: JSONData
+    out_dir: Path
+    train: TrainArgs
+    eval: FinetuneEvalArgs
+    resume: Union[bool, str]
+    seed: int
+    lora: Optional[LoRAConfig] = None
+    merge: bool = True
+    quantize: Optional[str] = None
+    hparams: dict = field(default_factory=dict)
+
+
+# ---- entry points (their arguments are the command-line flags) ------------------------------------
+_COMMON_DOC = """
+        checkpoint_dir: The model to finetune: a checkpoint dir (checkpoints/<org>/<name>) written by
+            scripts/download.py, scripts/convert_hf_checkpoint.py or pretraining.
+        data: The instruction/chat data: --data JSON --data.json_path FILE (.json list or .jsonl), with
+            --data.val_split_fraction, --data.prompt_style chat|alpaca (default: chat when the tokenizer has a chat
+            template), --data.packed (pack examples into full rows), --data.seed (validation split).
+        out_dir: Where logs, resumable step-XXXXXX checkpoints and the final checkpoint dir (out_dir/final) go.
+        precision: 32-true, bf16-mixed, bf16-true, 16-mixed, 16-true, or auto (bf16-mixed where the hardware runs
+            bf16 fast, else 32-true).
+        devices: Processes per node (GPUs, or CPU processes).
+        num_nodes: Nodes; several nodes are started by torchrun or srun.
+        strategy: auto (single or ddp), single, ddp or fsdp.
+        accelerator: cpu, cuda or auto.
+        resume: auto (the latest step checkpoint in out_dir), a step checkpoint path, or false (refuses an out_dir
+            that already holds a run).
+        seed: Seed for initialisation, dropout and data order.
+        logger: csv, tensorboard or both (under out_dir).
+        train: Batch sizes, epochs / max_steps (max_steps stops early; the LR schedule spans the epochs when they are
+            set, so a run stopped by max_steps continues unchanged with --resume auto), learning rate, warmup,
+            clipping, activation checkpointing, checkpoint interval. max_seq_length (default: the model's
+            block_size) truncates longer examples.
+        eval: Validation interval and size, and the greedy sample answer printed at each validation."""
+
+
+def finetune_lora(checkpoint_dir: Path, data: Optional[JSONData] = None, out_dir: Path = Path("out/finetune/lora"),
+                  precision: str = "auto", devices: Union[int, str] = 1, num_nodes: int = 1, strategy: str = "auto",
+                  accelerator: str = "auto", resume: Union[bool, str] = False, seed: int = 42,
+                  logger: Literal["csv", "tensorboard", "both"] = "csv",
+                  train: FinetuneTrainArgs = lora_train_defaults(), eval: FinetuneEvalArgs = FinetuneEvalArgs(),
+                  lora: LoRAArgs = LoRAArgs(), merge: bool = True,
+                  quantize: Optional[Literal["bnb.nf4"]] = None) -> Path:
+    _run("lora", **{k: v for k, v in locals().items()})
+    return Path(out_dir) / "final"
+
+
+finetune_lora.__doc__ = """Finetune a model with LoRA: the base weights stay frozen, low-rank updates are learned.
+
+    Args:""" + _COMMON_DOC + """
+        lora: LoRA rank (r), alpha, dropout and targets (comma-separated: query, key, value, projection, mlp, head).
+        merge: Also write the merged model into out_dir/final (model.safetensors + model_config.yaml + tokenizer)
+            so the generate scripts use it as is; false keeps only the adapter and a pointer to the base model
+            (merge later with scripts/merge_lora.py).
+        quantize: bnb.nf4 stores the frozen base weights in 4 bits (QLoRA); needs bitsandbytes and a CUDA GPU.
+"""
+
+
+def finetune_full(checkpoint_dir: Path, data: Optional[JSONData] = None, out_dir: Path = Path("out/finetune/full"),
+                  precision: str = "auto", devices: Union[int, str] = 1, num_nodes: int = 1, strategy: str = "auto",
+                  accelerator: str = "auto", resume: Union[bool, str] = False, seed: int = 42,
+                  logger: Literal["csv", "tensorboard", "both"] = "csv",
+                  train: FinetuneTrainArgs = full_train_defaults(), eval: FinetuneEvalArgs = FinetuneEvalArgs()) -> Path:
+    _run("full", **{k: v for k, v in locals().items()})
+    return Path(out_dir) / "final"
+
+
+finetune_full.__doc__ = """Finetune every weight of a model.
+
+    Args:""" + _COMMON_DOC + "\n"
+
+
+def _run(method: str, checkpoint_dir: Path, data: Optional[JSONData], out_dir: Path, precision: str,
+         devices: Union[int, str], num_nodes: int, strategy: str, accelerator: str, resume: Union[bool, str],
+         seed: int, logger: str, train: TrainArgs, eval: FinetuneEvalArgs, lora: Optional[LoRAArgs] = None,
+         merge: bool = True, quantize: Optional[str] = None) -> None:
+    """Check every input that can be checked here (so a mistake costs no process start and writes nothing),
+    build the Fabric and launch `main`."""
+    from litmodel.data.sft import load_records
+    from litmodel.generate import load_tokenizer
+    from litmodel.loggers import CSVLogger, TensorBoardLogger
+
+    out_dir = Path(out_dir)
+    resolve_resume(out_dir, resume)  # refuse to overwrite another run
+    checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
+    load_tokenizer(checkpoint_dir)
+    config = load_config(checkpoint_dir)
+    if data is None:
+        raise LitModelError("no finetuning data; pass --data JSON --data.json_path FILE (.json or .jsonl)")
+    load_records(data.json_path)  # missing file / keys, empty dataset: one line naming the record and key
+    if train.max_tokens is not None:
+        raise LitModelError("--train.max_tokens is a pretraining budget; finetuning runs --train.epochs "
+                            "(and stops early at --train.max_steps)")
+    if not train.epochs and not train.max_steps:
+        raise LitModelError("set --train.epochs or --train.max_steps (how long to finetune)")
+    if train.max_seq_length is not None and train.max_seq_length > config.block_size:
+        raise LitModelError(f"--train.max_seq_length {train.max_seq_length} exceeds the model's block_size "
+                            f"{config.block_size}; use at most {config.block_size}")
+    lora_config = lora.to_config() if method == "lora" else None
+    precision = resolve_precision(precision, accelerator)
+    if quantize is not None:
+        _check_quantize(quantize, accelerator, devices, num_nodes, strategy)
+        if not train.activation_checkpointing:
+            print("note: --quantize: enabling --train.activation_checkpointing so only one block's weights are "
+                  "dequantized at a time")
+            train = FinetuneTrainArgs(**{**asdict(train), "activation_checkpointing": True})
+    loggers = []
+    if logger in ("csv", "both"):
+        loggers.append(CSVLogger(out_dir, name="logs"))
+    if logger in ("tensorboard", "both"):
+        loggers.append(TensorBoardLogger(out_dir, name="tensorboard"))
+    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+                    precision=precision, loggers=loggers, activation_checkpointing=train.activation_checkpointing)
+    accumulation_steps(train, fabric.world_size)  # a global batch that does not divide fails here
+    hparams = dict(method=method, checkpoint_dir=str(checkpoint_dir), data=type(data).__name__,
+                   **{f"data.{k}": str(v) for k, v in vars(data).items() if not k.endswith("_dataset")
+                      and k not in ("tokenizer", "max_seq_length")},
+                   out_dir=str(out_dir), precision=precision, devices=fabric.devices, num_nodes=num_nodes,
+                   strategy=fabric.strategy, seed=seed, **{f"train.{k}": v for k, v in asdict(train).items()},
+                   **{f"eval.{k}": v for k, v in asdict(eval).items()})
+    if lora_config is not None:
+        hparams.update({f"lora.{k}": str(v) for k, v in lora_config.to_dict().items()}, merge=merge,
+                       quantize=quantize)
+    spec = RunSpec(method, checkpoint_dir, data, out_dir, train, eval, resume, seed, lora_config, merge, quantize,
+                   hparams)
+    fabric.launch(main, spec)
+
+
+def _check_quantize(quantize: str, accelerator: str, devices, num_nodes: int, strategy: str) -> None:
+    if quantize not in QUANTIZE_MODES:
+        raise LitModelError(f"unknown --quantize {quantize!r}; choose {', '.join(QUANTIZE_MODES)} or leave it out")
+    missing = []
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        missing.append("bitsandbytes (pip install bitsandbytes)")
+    if accelerator == "cpu" or not torch.cuda.is_available():
+        missing.append("a CUDA GPU (none available here)")
+    if missing:
+        raise LitModelError(f"--quantize {quantize} needs {' and '.join(missing)}; drop --quantize to finetune "
+                            "the unquantized model")
+    if devices not in (1, "1") or num_nodes != 1 or strategy not in ("auto", "single"):
+        raise LitModelError(f"--quantize {quantize} runs on one GPU; use --devices 1 (no ddp/fsdp)")
+
+
+# ---- the recipe ----------------------------------------------------------------------------------
+def main(fabric: Fabric, spec: RunSpec) -> None:
+    from litmodel.tokenizer import Tokenizer
+
+    train, out_dir = spec.train, Path(spec.out_dir)
+    resume_from = resolve_resume(out_dir, spec.resume)
+    fabric.seed_everything(spec.seed)
+
+    # 1. tokenizer and data
+    tokenizer = Tokenizer(spec.checkpoint_dir)
+    config = load_config(spec.checkpoint_dir)
+    max_seq_length = train.max_seq_length or config.block_size
+    data = spec.data
+    data.setup(tokenizer, max_seq_length)
+    fabric.print(data.describe())
+    truncated = data.stats["train"]["truncated"] + (data.stats["val"] or {}).get("truncated", 0)
+    if truncated:
+        fabric.print(f"note: {truncated} example(s) longer than max_seq_length={max_seq_length} were truncated "
+                     "(raise --train.max_seq_length to keep them whole)")
+
+    # 2. the model: every rank loads the checkpoint (memory-mapped), LoRA gets the same init everywhere (seeded)
+    dtype = _param_dtype(fabric.precision)
+    on_device = fabric.device if fabric.strategy != "fsdp" else torch.device("cpu")  # FSDP moves shards itself
+    model = load_model(spec.checkpoint_dir, device=on_device, dtype=dtype)
+    if spec.method == "lora":
+        apply_lora(model, **spec.lora.to_dict())
+        if spec.quantize:
+            quantize_nf4(model)
+        mark_only_lora_as_trainable(model)
+    model.train()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    fabric.print(f"model: {config.name} ({config.model_type}), {total / 1e6:.1f}M parameters, {trainable / 1e6:.3f}M "
+                 f"trainable ({spec.method}), max_seq_length {max_seq_length}, {fabric.precision}")
+    model = fabric.setup(model)
+    optimizer = fabric.setup_optimizers(build_optimizer(model, train))
+
+    # 3. data loaders (seeded, resumable), schedule length
+    train_loader = data.train_dataloader(train.micro_batch_size)
+    train_loader.collate_fn = CountTokens(train_loader.collate_fn)
+    train_loader = fabric.setup_dataloaders(train_loader)
+    val_loader = data.val_dataloader(train.micro_batch_size)
+    val_loader = fabric.setup_dataloaders(val_loader) if val_loader is not None else None
+    accum = accumulation_steps(train, fabric.world_size)
+    schedule_steps = math.ceil(train.epochs * len(train_loader) / accum) if train.epochs else train.max_steps
+    max_steps = min(schedule_steps, train.max_steps) if train.max_steps else schedule_steps
+
+    # 4. resume: trainable weights (LoRA) or the model, optimizer, counters, RNG, data position
+    state = {"step": 0, "tokens": 0, "useful_tokens": 0, "train_loader": {}, "rng": {}}
+    if spec.method == "lora":
+        state.update(lora_state={}, optimizer_state={}, lora_config=spec.lora.to_dict())
+    else:
+        state.update(model=model, optimizer=optimizer)
+    if resume_from is not None:
+        fabric.load(resume_from, state)
+        if spec.method == "lora":
+            load_trainable_state(fabric, model, optimizer, state, resume_from, spec.lora)
+        train_loader.load_state_dict(state["train_loader"])
+        restore_rng_state(state["rng"])
+        fabric.print(f"resumed from {resume_from} at step {state['step']}")
+
+    if fabric.is_global_zero and resume_from is None:
+        for logger in fabric.loggers:
+            logger.log_hyperparams(spec.hparams)
+    sample = sample_prompt(data, spec.eval.sample_prompt)
+    fabric.print(f"training for {max_steps} steps (schedule: {schedule_steps} steps, "
+                 f"{len(train_loader) / accum:.1f} per epoch) of {train.global_batch_size} sequences "
+                 f"({accum} micro-batch(es) of {train.micro_batch_size} per process, {fabric.world_size} process(es))")
+    fit(fabric, model, optimizer, train_loader, val_loader, state, spec, max_steps, schedule_steps, accum,
+        tokenizer, sample)
+
+    # 5. out_dir/final: the checkpoint dir every other script reads
+    final = out_dir / "final"
+    if spec.method == "lora":
+        lora_state = trainable_state(model)  # collective
+        if fabric.is_global_zero:
+            write_lora_checkpoint(final, lora_state, spec.lora, spec.checkpoint_dir, merge=spec.merge)
+        fabric.barrier()
+    else:
+        save_final_checkpoint(fabric, model, model.config, final, spec.checkpoint_dir,
+                              dtype=checkpoint_dtype(spec.checkpoint_dir))
+    fabric.print(f"saved {final}" + (" (adapter only; merge with scripts/merge_lora.py)"
+                                     if spec.method == "lora" and not spec.merge else ""))
+
+
+def fit(fabric: Fabric, model, optimizer, train_loader, val_loader, state: dict, spec: RunSpec, max_steps: int,
+        schedule_steps: int, accum: int, tokenizer, sample: tuple[list[int], list[int]]) -> None:
+    train, eval, out_dir = spec.train, spec.eval, Path(spec.out_dir)
+    config = model.config
+    sharded = fabric.strategy == "fsdp" and spec.method == "full"
+    peak = measure_peak_flops(_matmul_dtype(fabric.precision), fabric.device, size=_peak_size(fabric),
+                              seconds=0.3)
+    fpt = flops_per_token(config, spec.data.max_seq_length if spec.data.packed else _mean_length(spec.data),
+                          backward="lora" if spec.method == "lora" else "full")
+    speed = SpeedMonitor(fpt, peak, fabric.world_size)
+    useful_speed = SpeedMonitor(fpt, None, fabric.world_size)
+    val_loss = None
+    if eval.initial_validation and val_loader is not None:
+        val_loss = validate(fabric, model, val_loader, eval.max_iters)
+        fabric.print(f"step {state['step']}: val loss {val_loss:.4f}")
+    speed.update(state["tokens"])
+    useful_speed.update(state["useful_tokens"])
+    batches = _forever(train_loader)
+    model.train()
+    while state["step"] < max_steps:
+        lr = lr_at(state["step"], train, schedule_steps)
+        set_lr(optimizer, lr)
+        loss_sum = torch.zeros((), device=fabric.device)
+        counts = torch.zeros(2, dtype=torch.long, device=fabric.device)  # processed, useful tokens
+        for micro_step in range(accum):
+            batch = next(batches)
+            with fabric.no_backward_sync(model, enabled=micro_step < accum - 1):
+                logits = model(batch["input_ids"], positions=batch.get("positions"), mask=batch.get("mask"))
+                loss = sft_loss(logits, batch["labels"])
+                fabric.backward(loss / accum)
+            loss_sum += loss.detach()
+            counts += torch.stack([torch.tensor(batch["input_ids"].numel(), device=fabric.device),
+                                   batch["n_tokens"].to(fabric.device)])
+        grad_norm = fabric.clip_gradients(model, optimizer, max_norm=train.max_norm) if train.max_norm else None
+        fabric.step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        counts = fabric.all_reduce(counts, op="sum")
+        state["step"] += 1
+        state["tokens"] += int(counts[0])
+        state["useful_tokens"] += int(counts[1])
+        speed.update(state["tokens"])
+        useful_speed.update(state["useful_tokens"])
+        step = state["step"]
+
+        is_last = step == max_steps
+        if step % train.log_interval == 0 or is_last:
+            loss = fabric.all_reduce(loss_sum / accum, op="mean").item()
+            epoch = train_loader.epoch + train_loader.batches_yielded / max(1, len(train_loader))
+            metrics = {"step": step, "epoch": epoch, "tokens": state["tokens"], "useful_tokens": state["useful_tokens"],
+                       "loss": loss, "lr": lr, "tokens_per_sec": speed.tokens_per_sec(),
+                       "useful_tokens_per_sec": useful_speed.tokens_per_sec(), "mfu": speed.mfu(),
+                       "memory_mb": memory_mb(fabric.device)}
+            if grad_norm is not None:
+                metrics["grad_norm"] = float(grad_norm)
+            fabric.log_dict(metrics, step=step)
+            fabric.print(f"step {step}/{max_steps} | epoch {epoch:.2f} | loss {loss:.4f} | lr {lr:.2e} | "
+                         f"{metrics['tokens_per_sec']:.0f} tok/s | MFU {metrics['mfu'] * 100:.1f}% | "
+                         f"ETA {format_eta((max_steps - step) * _seconds_per_step(speed))}")
+        if (eval.interval and step % eval.interval == 0) or (is_last and eval.final_validation):
+            t0 = time.perf_counter()
+            if val_loader is not None:
+                val_loss = validate(fabric, model, val_loader, eval.max_iters)
+                fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, step=step)
+                fabric.print(f"step {step}: val loss {val_loss:.4f}, val ppl {math.exp(min(val_loss, 50)):.2f}")
+            if eval.max_new_tokens > 0:
+                print_sample(fabric, model, tokenizer, sample, eval.max_new_tokens, step, out_dir)
+            fabric.print(f"  (validation took {time.perf_counter() - t0:.1f}s)")
+            for monitor in (speed, useful_speed):  # keep evaluation time out of the throughput
+                monitor.history = monitor.history[-1:]
+                monitor.history[-1] = (time.perf_counter(), monitor.history[-1][1])
+        if (train.save_interval and step % train.save_interval == 0) or is_last:
+            save_state(fabric, model, optimizer, state, train_loader, step_dir(out_dir, step, sharded), spec.method)
+            if fabric.is_global_zero:
+                prune_step_dirs(out_dir, keep=2)
+            fabric.barrier()
+        if os.environ.get("LITMODEL_KILL_AT_STEP") == str(step):  # tests: a crash at a known point
+            os.kill(os.getpid(), signal.SIGKILL)
+    summary = f"done: {state['step']} steps, {state['tokens']:,} tokens ({state['useful_tokens']:,} not padding)"
+    if val_loss is not None:
+        summary += f", final val loss {val_loss:.4f}"
+    fabric.print(summary)
+
+
+# ---- pieces of the loop --------------------------------------------------------------------------
+class CountTokens:
+    """Collate wrapper adding ``n_tokens``: the batch's non-padding input tokens (for useful tokens/s)."""
+
+    def __init__(self, collate) -> None:
+        self.collate = collate
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch = self.collate(items)
+        batch["n_tokens"] = torch.tensor(sum(len(it["input_ids"]) for it in items))
+        return batch
+
+
+def _forever(loader):
+    while True:  # each pass is one epoch; after a resume the first pass continues where the run stopped
+        yield from loader
+
+
+def _seconds_per_step(speed: SpeedMonitor) -> float:
+    h = speed.history
+    return (h[-1][0] - h[0][0]) / (len(h) - 1) if len(h) > 1 else float("nan")
+
+
+def _param_dtype(precision: str) -> torch.dtype:
+    return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision, torch.float32)
+
+
+def _matmul_dtype(precision: str) -> torch.dtype:
+    return torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") \
+        else torch.float32
+
+
+def _peak_size(fabric: Fabric) -> int:
+    """Matrix size for the peak-rate probe; small where bf16 runs on a slow reference path (CPU without bf16)."""
+    if fabric.device.type == "cpu" and fabric.precision != "32-true" and not cpu_supports_fast_bf16():
+        return 256
+    return 2048 if fabric.device.type == "cuda" else 1024
+
+
+def _mean_length(data: JSONData) -> int:
+    lengths = data.train_dataset.lengths()
+    return max(1, round(sum(lengths) / max(1, len(lengths))))
+
+
+def checkpoint_dtype(checkpoint_dir: Path) -> torch.dtype:
+    """The floating dtype the checkpoint's weights are stored in (outputs are written in it too)."""
+    header, _ = read_safetensors_header(Path(checkpoint_dir) / MODEL_FILE)
+    for info in header.values():
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is not None and dtype.is_floating_point:
+            return dtype
+    return torch.float32
+
+
+@torch.no_grad()
+def validate(fabric: Fabric, model, loader, max_iters: int) -> float:
+    """Mean loss per answer token over at most ``max_iters`` validation batches, over all processes."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, device=fabric.device)
+    for i, batch in enumerate(loader):
+        if i >= max_iters:
+            break
+        logits = model(batch["input_ids"])
+        total[0] += sft_loss(logits, batch["labels"], reduction="sum")
+        total[1] += (batch["labels"] != IGNORE_INDEX).sum()
+    total = fabric.all_reduce(total, op="sum")
+    model.train(was_training)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def sample_prompt(data: JSONData, prompt: Optional[str]) -> tuple[list[int], list[int]]:
+    """(prompt ids, expected answer ids) of the sample: ``prompt`` (formatted like the training data; no
+    expected answer), else the first validation example (or the first training example without a split)
+    cut before its first answer token."""
+    if prompt:
+        return data.format_prompt(prompt), []
+    dataset = data.val_dataset if data.val_dataset is not None and len(data.val_dataset) else data.train_dataset
+    item = dataset[0]
+    labels = item["labels"].tolist()
+    start = next(i for i, t in enumerate(labels) if t != IGNORE_INDEX)
+    end = next((i for i in range(start, len(labels)) if labels[i] == IGNORE_INDEX), len(labels))
+    return item["input_ids"][: start + 1].tolist(), labels[start:end]
+
+
+def print_sample(fabric: Fabric, model, tokenizer, sample: tuple[list[int], list[int]], max_new_tokens: int,
+                 step: int, out_dir: Path) -> None:
+    """Greedy answer to the fixed prompt. Under FSDP every rank runs it (the forward gathers shards)."""
+    from litmodel.generate import generate
+
+    if not (fabric.strategy == "fsdp" or fabric.is_global_zero):
+        return
+    prompt, expected = sample
+    module = model.module  # not the DDP wrapper: no collectives for a rank-0-only forward
+    was_training = module.training
+    module.eval()
+    stop = set(tokenizer.stop_ids) | set(getattr(tokenizer, "end_of_turn_ids", ()) or ())
+    length = min(len(prompt) + max_new_tokens, model.config.block_size)
+    try:
+        with fabric.autocast():
+            out = list(generate(module, prompt, max(0, length - len(prompt)), temperature=0, stop_tokens=stop))
+    finally:
+        module.clear_kv_cache()
+        module.train(was_training)
+    if fabric.is_global_zero:
+        text = tokenizer.decode(out)
+        lines = [f"step {step} sample", "  prompt:   " + repr(tokenizer.decode(prompt)), "  answer:   " + repr(text)]
+        if expected:
+            lines.append("  expected: " + repr(tokenizer.decode([t for t in expected if t not in stop])))
+        fabric.print("\n".join(lines))
+        with open(out_dir / "samples.txt", "a", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+# ---- training state on disk ----------------------------------------------------------------------
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The trainable (LoRA) weights, gathered whole on CPU (collective under FSDP; filled on rank 0)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    sd = get_model_state_dict(model.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                     ignore_frozen_params=True))
+    return {k: v for k, v in sd.items() if k in trainable}  # DSD keeps a frozen tied head (lm_head.weight)
+
+
+def save_state(fabric: Fabric, model, optimizer, state: dict, train_loader, path: Path, method: str) -> None:
+    state["train_loader"] = train_loader.state_dict()
+    state["rng"] = capture_rng_state()
+    if method == "lora":  # only what LoRA trains: small, and independent of the number of processes
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        state["lora_state"] = trainable_state(model)
+        with _allow_step(fabric):
+            state["optimizer_state"] = get_optimizer_state_dict(
+                model.module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    fabric.save(path, state)
+    if method == "lora":
+        state["lora_state"], state["optimizer_state"] = {}, {}
+
+
+def load_trainable_state(fabric: Fabric, model, optimizer, state: dict, path: Path, lora: LoRAConfig) -> None:
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    if dict(state["lora_config"]) != lora.to_dict():
+        raise LitModelError(f"{path} was trained with LoRA {dict(state['lora_config'])} but this run asks for "
+                            f"{lora.to_dict()}; pass the same --lora.* flags to resume it")
+    set_model_state_dict(model.module, dict(state["lora_state"]),
+                         options=StateDictOptions(full_state_dict=True, strict=False))
+    with _allow_step(fabric):
+        set_optimizer_state_dict(model.module, optimizer, dict(state["optimizer_state"]),
+                                 options=StateDictOptions(full_state_dict=True))
+    state["lora_state"], state["optimizer_state"] = {}, {}
+
+
+def _allow_step(fabric: Fabric):
+    """DSD may run a zero-lr optimizer step to create the state; 16-mixed guards optimizer.step()."""
+    return getattr(fabric, "_allow_step", contextlib.nullcontext)()
+
+
+# ---- LoRA checkpoint dirs: adapter, base pointer, merging ------------------------------------------
+def write_lora_checkpoint(out_dir: Path, lora_state: dict[str, torch.Tensor], lora: LoRAConfig,
+                          base_checkpoint_dir: Path, merge: bool = True) -> Path:
+    """Write ``out_dir`` atomically: the adapter (``lora.safetensors``, ``lora_config.yaml`` naming the base)
+    and, with ``merge``, the merged checkpoint (the same code as scripts/merge_lora.py)."""
+    with atomic_dir(out_dir) as tmp:
+        save_safetensors({k: v for k, v in lora_state.items()}, tmp / LORA_WEIGHTS_FILE)
+        write_lora_config(tmp, lora, base_checkpoint_dir)
+        if merge:
+            write_merged(tmp, base_checkpoint_dir, tmp)
+    return Path(out_dir)
+
+
+def write_lora_config(d: Path, lora: LoRAConfig, base_checkpoint_dir: Optional[Path]) -> None:
+    cfg = lora.to_dict()
+    if base_checkpoint_dir is not None:
+        cfg[BASE_KEY] = str(base_checkpoint_dir)
+    (Path(d) / LORA_CONFIG_FILE).write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def read_lora_config(lora_dir: Path) -> tuple[LoRAConfig, Optional[str]]:
+    """The LoRA config of ``lora_dir`` and the base checkpoint dir it names (None if it names none)."""
+    path = Path(lora_dir) / LORA_CONFIG_FILE
+    if not path.is_file():
+        raise LitModelError(f"{lora_dir} has no {LORA_CONFIG_FILE}; pass the out_dir/final of a LoRA finetuning run")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise LitModelError(f"{path} is not valid YAML ({str(err).splitlines()[0]}); fix or re-save it") from err
+    base = data.pop(BASE_KEY, None)
+    try:
+        return LoRAConfig(**data), base
+    except TypeError as err:
+        raise LitModelError(f"{path}: {err}; it is not a LoRA config written by litmodel") from None
+
+
+def load_lora_dir(model: nn.Module, lora_dir: Path) -> nn.Module:
+    """`litmodel.lora.load_lora`, also for a ``lora_config.yaml`` that names its base checkpoint dir."""
+    lora_dir = Path(lora_dir)
+    lora_cfg, base = read_lora_config(lora_dir)
+    if base is None:
+        return load_lora(model, lora_dir)
+    with tempfile.TemporaryDirectory(prefix="lora-") as tmp:  # the same files without the base pointer
+        weights = lora_dir / LORA_WEIGHTS_FILE
+        if weights.exists():
+            os.symlink(weights.resolve(), Path(tmp) / LORA_WEIGHTS_FILE)
+        lora_cfg.to_yaml(Path(tmp) / LORA_CONFIG_FILE)
+        try:
+            return load_lora(model, tmp)
+        except LitModelError as err:
+            raise LitModelError(str(err).replace(str(Path(tmp) / LORA_WEIGHTS_FILE), str(weights))
+                                .replace(tmp, str(lora_dir))) from None
+
+
+def merged_model(base_checkpoint_dir: Path, lora_dir: Path) -> nn.Module:
+    """The base model (in its stored dtype, on CPU) with the adapter of ``lora_dir`` folded in."""
+    model = load_model(base_checkpoint_dir)
+    load_lora_dir(model, lora_dir)
+    return merge_lora(model)
+
+
+def write_merged(lora_dir: Path, base_checkpoint_dir: Path, out_dir: Path) -> None:
+    """Write the merged model's files (weights, model_config.yaml, tokenizer) into the existing dir ``out_dir``."""
+    from litmodel.tokenizer import copy_tokenizer_files
+
+    model = merged_model(base_checkpoint_dir, lora_dir)
+    save_safetensors(model_state_for_saving(model), Path(out_dir) / MODEL_FILE)
+    model.config.to_yaml(Path(out_dir) / CONFIG_FILE)
+    copy_tokenizer_files(base_checkpoint_dir, out_dir)
+
+
+def merge_lora_checkpoint(checkpoint_dir: Path, base_checkpoint_dir: Optional[Path] = None,
+                          out_dir: Optional[Path] = None) -> Path:
+    """Merge the adapter in ``checkpoint_dir`` into its base and write a complete checkpoint dir to ``out_dir``
+    (default: ``checkpoint_dir`` itself, replaced atomically; the adapter files are kept)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise LitModelError(f"{checkpoint_dir} does not exist; pass the out_dir/final of a LoRA finetuning run")
+    if not (checkpoint_dir / LORA_WEIGHTS_FILE).is_file():
+        raise LitModelError(f"{checkpoint_dir} has no {LORA_WEIGHTS_FILE}; pass the out_dir/final of a LoRA "
+                            "finetuning run")
+    lora_cfg, named_base = read_lora_config(checkpoint_dir)
+    base = base_checkpoint_dir or named_base
+    if base is None:
+        raise LitModelError(f"{checkpoint_dir / LORA_CONFIG_FILE} names no base model; pass --base_checkpoint_dir")
+    base = Path(base)
+    if not base.is_dir():
+        hint = "" if base_checkpoint_dir else f" (named by {checkpoint_dir / LORA_CONFIG_FILE})"
+        raise LitModelError(f"base checkpoint dir {base}{hint} does not exist; pass --base_checkpoint_dir")
+    check_checkpoint_dir(base)
+    if base.resolve() == checkpoint_dir.resolve():
+        raise LitModelError(f"--base_checkpoint_dir {base} is the LoRA dir itself; pass the model it was trained on")
+    out_dir = Path(out_dir) if out_dir is not None else checkpoint_dir
+    with atomic_dir(out_dir) as tmp:
+        shutil.copy2(checkpoint_dir / LORA_WEIGHTS_FILE, tmp / LORA_WEIGHTS_FILE)
+        write_lora_config(tmp, lora_cfg, base)
+        write_merged(tmp, base, tmp)
+    return out_dir
+
+
+# ---- QLoRA: 4-bit frozen base weights (bitsandbytes, CUDA) ---------------------------------------
+class _NF4Dequantize(nn.Module):
+    """Parametrization: the stored 4-bit weight -> the dense weight, recomputed on every access."""
+
+    def __init__(self, quant_state, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.quant_state, self.dtype = quant_state, dtype
+
+    def forward(self, packed: torch.Tensor) -> torch.Tensor:
+        import bitsandbytes.functional as bnbF
+
+        return bnbF.dequantize_4bit(packed, self.quant_state).to(self.dtype)
+
+
+def quantize_nf4(model: nn.Module) -> nn.Module:
+    """Store the base weight of every linear layer in the transformer blocks as NF4 (bitsandbytes), in place,
+    after `apply_lora`: the layer (`LoRALinear` or `nn.Linear`) reads the dequantized weight through a
+    parametrization; LoRA weights, embedding and output head stay as they are. Untested without a GPU."""
+    import bitsandbytes.functional as bnbF
+    from torch.nn.utils import parametrize
+
+    from litmodel.lora import LoRALinear
+
+    for name, module in model.named_modules():
+        if not name.startswith("blocks.") or not isinstance(module, (nn.Linear, LoRALinear)):
+            continue
+        weight = module.weight.detach()
+        packed, quant_state = bnbF.quantize_4bit(weight.to(torch.bfloat16).cuda(), blocksize=64,
+                                                 compress_statistics=True, quant_type="nf4")
+        module.weight = nn.Parameter(packed, requires_grad=False)
+        parametrize.register_parametrization(module, "weight", _NF4Dequantize(quant_state, weight.dtype), unsafe=True)
+        module.parametrizations.weight.original.requires_grad_(False)
+    return model
+
+
+# ---- the command line ----------------------------------------------------------------------------
+def build_parser(fn, description: str = ""):
+    from argparse import RawDescriptionHelpFormatter
+
+    from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
+
+    class HelpFormatter(DefaultHelpFormatter, RawDescriptionHelpFormatter):
+        pass
+
+    parser = ArgumentParser(description=description, formatter_class=HelpFormatter)
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML recipe (see configs/finetune/)")
+    parser.add_function_arguments(fn, as_group=False)
+    return parser
+
+
+def parse_args(fn, argv: Optional[list[str]] = None, description: str = "") -> dict:
+    """The keyword arguments of ``fn`` from the command line (classes instantiated)."""
+    parser = build_parser(fn, description)
+    cfg = parser.parse_args(argv)
+    try:
+        init = parser.instantiate(cfg) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg)
+    except Exception as err:  # a LitModelError raised while building e.g. the data module: show just it
+        cause = err
+        while cause is not None and not isinstance(cause, LitModelError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise LitModelError(str(cause)) from None
+        raise
+    kwargs = init.as_dict()
+    for key in ("config", "__default_config__"):
+        kwargs.pop(key, None)
+    return kwargs
+
+
+def setup(method: Literal["lora", "full"], argv: Optional[list[str]] = None, description: str = "") -> Path:
+    """Parse ``--config x.yaml`` and flags, then run `finetune_lora` or `finetune_full`."""
+    fn = finetune_lora if method == "lora" else finetune_full
+    return fn(**parse_args(fn, argv, description))
