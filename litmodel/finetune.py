@@ -21,12 +21,13 @@ Outputs (``out_dir``):
 
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 import math
 import os
 import shutil
 import signal
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,12 +35,10 @@ from typing import Literal, Optional, Union
 
 import torch
 import torch.nn as nn
-import yaml
 
 from litmodel.checkpoint import (CONFIG_FILE, MODEL_FILE, SAFETENSORS_DTYPES, check_checkpoint_dir, load_config,
                                  load_model, model_state_for_saving, read_safetensors_header, save_safetensors)
-from litmodel.data import sft as _sft
-from litmodel.data.sft import IGNORE_INDEX, JSONData, sft_loss
+from litmodel.data.sft import IGNORE_INDEX, JSON, JSONData, sft_loss
 from litmodel.fabric import Fabric, capture_rng_state, restore_rng_state
 from litmodel.lora import (LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, LoRAConfig, apply_lora, load_lora,
                            mark_only_lora_as_trainable, merge_lora)
@@ -49,34 +48,7 @@ from litmodel.training import (EvalArgs, SpeedMonitor, TrainArgs, accumulation_s
                                save_final_checkpoint, set_lr, step_dir)
 from litmodel.utils import LitModelError, atomic_dir
 
-if _sft.JSON is JSONData:
-    class JSON(JSONData):
-        """Instruction/chat data from a .json (a list of records) or .jsonl file (``--data JSON``).
-
-        The same as `litmodel.data.sft.JSONData`; a subclass so that the short name resolves on the command line.
-        """
-
-        def __init__(self, json_path: Union[str, Path], val_split_fraction: float = 0.05,
-                     prompt_style: Optional[str] = None, packed: bool = False, seed: int = 42,
-                     num_workers: int = 0) -> None:
-            """
-            Args:
-                json_path: The data file: .json holding a list of records, or .jsonl with one record per line; a
-                    record is {"instruction", "input" (optional), "output"} or {"messages": [{"role", "content"}...]}.
-                val_split_fraction: Fraction of the records held out for validation (at least one record).
-                prompt_style: chat (the checkpoint's chat template) or alpaca (### Instruction / ### Response, for
-                    base models); default: chat when the tokenizer has a chat template, else alpaca.
-                packed: Pack training examples into rows of max_seq_length tokens (no padding; each example still
-                    attends only to itself).
-                seed: Seed of the validation split (the same split every run) and of the packing order.
-                num_workers: DataLoader worker processes.
-            """
-            super().__init__(json_path, val_split_fraction, prompt_style, packed, seed, num_workers)
-else:  # sft.py already provides a resolvable `JSON`
-    JSON = _sft.JSON
-
 QUANTIZE_MODES = ("bnb.nf4",)
-BASE_KEY = "base_checkpoint_dir"  # lora_config.yaml: where the base model of the adapter lives
 
 
 # ---- argument groups -----------------------------------------------------------------------------
@@ -651,50 +623,20 @@ def write_lora_checkpoint(out_dir: Path, lora_state: dict[str, torch.Tensor], lo
 
 
 def write_lora_config(d: Path, lora: LoRAConfig, base_checkpoint_dir: Optional[Path]) -> None:
-    cfg = lora.to_dict()
-    if base_checkpoint_dir is not None:
-        cfg[BASE_KEY] = str(base_checkpoint_dir)
-    (Path(d) / LORA_CONFIG_FILE).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    base = str(base_checkpoint_dir) if base_checkpoint_dir is not None else None
+    dataclasses.replace(lora, base_checkpoint_dir=base).to_yaml(Path(d) / LORA_CONFIG_FILE)
 
 
 def read_lora_config(lora_dir: Path) -> tuple[LoRAConfig, Optional[str]]:
     """The LoRA config of ``lora_dir`` and the base checkpoint dir it names (None if it names none)."""
-    path = Path(lora_dir) / LORA_CONFIG_FILE
-    if not path.is_file():
-        raise LitModelError(f"{lora_dir} has no {LORA_CONFIG_FILE}; pass the out_dir/final of a LoRA finetuning run")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise LitModelError(f"{path} is not valid YAML ({str(err).splitlines()[0]}); fix or re-save it") from err
-    base = data.pop(BASE_KEY, None)
-    try:
-        return LoRAConfig(**data), base
-    except TypeError as err:
-        raise LitModelError(f"{path}: {err}; it is not a LoRA config written by litmodel") from None
-
-
-def load_lora_dir(model: nn.Module, lora_dir: Path) -> nn.Module:
-    """`litmodel.lora.load_lora`, also for a ``lora_config.yaml`` that names its base checkpoint dir."""
-    lora_dir = Path(lora_dir)
-    lora_cfg, base = read_lora_config(lora_dir)
-    if base is None:
-        return load_lora(model, lora_dir)
-    with tempfile.TemporaryDirectory(prefix="lora-") as tmp:  # the same files without the base pointer
-        weights = lora_dir / LORA_WEIGHTS_FILE
-        if weights.exists():
-            os.symlink(weights.resolve(), Path(tmp) / LORA_WEIGHTS_FILE)
-        lora_cfg.to_yaml(Path(tmp) / LORA_CONFIG_FILE)
-        try:
-            return load_lora(model, tmp)
-        except LitModelError as err:
-            raise LitModelError(str(err).replace(str(Path(tmp) / LORA_WEIGHTS_FILE), str(weights))
-                                .replace(tmp, str(lora_dir))) from None
+    cfg = LoRAConfig.from_yaml(Path(lora_dir) / LORA_CONFIG_FILE)
+    return cfg, cfg.base_checkpoint_dir
 
 
 def merged_model(base_checkpoint_dir: Path, lora_dir: Path) -> nn.Module:
     """The base model (in its stored dtype, on CPU) with the adapter of ``lora_dir`` folded in."""
     model = load_model(base_checkpoint_dir)
-    load_lora_dir(model, lora_dir)
+    load_lora(model, lora_dir)
     return merge_lora(model)
 
 

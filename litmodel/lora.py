@@ -68,12 +68,14 @@ def _parse_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
 
 @dataclass
 class LoRAConfig:
-    """What `lora_config.yaml` holds: rank, alpha (update scaled by alpha / r), dropout, targets."""
+    """What `lora_config.yaml` holds: rank, alpha (update scaled by alpha / r), dropout, targets, and
+    the checkpoint dir of the base model the adapter was trained on (when known)."""
 
     r: int = 8
     alpha: float = 16
     dropout: float = 0.0
     targets: tuple[str, ...] = field(default=("query", "value"))
+    base_checkpoint_dir: str | None = None
 
     def __post_init__(self) -> None:
         self.targets = _parse_targets(self.targets)
@@ -84,8 +86,11 @@ class LoRAConfig:
         return self.alpha / self.r
 
     def to_dict(self) -> dict:
+        """The hyperparameters (the keyword arguments of `apply_lora`), plus the base dir when it is known."""
         d = asdict(self)
         d["targets"] = list(self.targets)
+        if d["base_checkpoint_dir"] is None:
+            del d["base_checkpoint_dir"]
         return d
 
     def to_yaml(self, path: str | os.PathLike) -> None:
@@ -378,7 +383,7 @@ def load_lora(model: nn.Module, path_dir: str | os.PathLike) -> nn.Module:
     if lora_modules(model):
         raise LitModelError("the model already has LoRA layers; load_lora needs a base model")
     state = mmap_safetensors(weights)
-    apply_lora(model, **cfg.to_dict())
+    apply_lora(model, targets=cfg.targets, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout)
     try:
         _check_lora_tensors(model, state, cfg, weights)
     except LitModelError:

@@ -124,7 +124,7 @@ def main(fabric: Fabric, model_name: str | None, model_config: Config | None, ou
     # 4. the checkpoint dir every other script reads, and a sample from it
     save_final_checkpoint(fabric, model, config, out_dir / "final", tokenizer_dir)
     fabric.print(f"saved {out_dir / 'final'}")
-    if fabric.is_global_zero and sample.max_new_tokens > 0:
+    if sample.max_new_tokens > 0:  # every rank takes part: under FSDP each forward gathers the shards
         print_sample(fabric, model, tokenizer, sample)
 
 

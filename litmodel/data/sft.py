@@ -48,7 +48,7 @@ import os
 import random
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -527,4 +527,25 @@ class JSONData:
         return ", ".join(parts)
 
 
-JSON = JSONData  # `--data JSON` in the finetuning CLI
+class JSON(JSONData):
+    """Instruction/chat data from a .json (a list of records) or .jsonl file (``--data JSON``).
+
+    The same as `JSONData`; a subclass so that the short name resolves on the command line.
+    """
+
+    def __init__(self, json_path: Union[str, Path], val_split_fraction: float = 0.05,
+                 prompt_style: Optional[str] = None, packed: bool = False, seed: int = 42,
+                 num_workers: int = 0) -> None:
+        """
+        Args:
+            json_path: The data file: .json holding a list of records, or .jsonl with one record per line; a
+                record is {"instruction", "input" (optional), "output"} or {"messages": [{"role", "content"}...]}.
+            val_split_fraction: Fraction of the records held out for validation (at least one record).
+            prompt_style: chat (the checkpoint's chat template) or alpaca (### Instruction / ### Response, for
+                base models); default: chat when the tokenizer has a chat template, else alpaca.
+            packed: Pack training examples into rows of max_seq_length tokens (no padding; each example still
+                attends only to itself).
+            seed: Seed of the validation split (the same split every run) and of the packing order.
+            num_workers: DataLoader worker processes.
+        """
+        super().__init__(json_path, val_split_fraction, prompt_style, packed, seed, num_workers)
