@@ -85,8 +85,25 @@ def build_mask(T: int, input_pos: torch.Tensor | None, cache_len: int | None, sl
     return allowed if mask is None else allowed & mask
 
 
+def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per head (a decode step) as two small matmuls and a softmax, for
+    `torch.compile` on CPU: the fused SDPA kernel costs ~0.2-0.3 ms per call there (a quarter of a
+    decode step of a 135M model), these ~0.03 ms. Same math as SDPA: float32 scores scaled by
+    1/sqrt(hs), masked softmax, weighted sum of the values; grouped-query heads share their k/v."""
+    B, H, _, hs = q.shape
+    G, S = k.size(1), k.size(2)
+    qf = q.float().view(B, G, H // G, hs)
+    scores = torch.matmul(qf, k.float().transpose(-1, -2)) * (1.0 / math.sqrt(hs))  # (B, G, H/G, S)
+    scores = scores.masked_fill(~mask.view(mask.size(0), 1, 1, S), float("-inf"))
+    y = torch.matmul(torch.softmax(scores, dim=-1), v.float())  # (B, G, H/G, hs)
+    return y.view(B, H, 1, hs).to(q.dtype)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """(B, H, T, hs) queries against (B, G, S, hs) keys/values, G dividing H (grouped-query attention)."""
+    if (q.size(2) == 1 and mask is not None and q.device.type == "cpu" and mask.dtype == torch.bool
+            and torch.compiler.is_compiling()):
+        return _single_query_attention(q, k, v, mask.expand(q.size(0), 1, 1, k.size(2)))
     gqa = q.size(1) != k.size(1)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)

@@ -1,0 +1,123 @@
+r"""Generate text from a prompt with a litmodel checkpoint, streaming it to stdout.
+
+    python generate/base.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M --prompt "Once upon a time"
+    echo "Once upon a time" | python generate/base.py --checkpoint_dir ... --temperature 0
+    python generate/base.py --checkpoint_dir ... --prompt "..." --precision bf16-true --compile true --quantize int8
+
+The generated text (not the prompt) goes to stdout as it is produced; time to first token, tokens/s and
+peak memory go to stderr. A checkpoint dir of a merged LoRA finetune works as is (its lora.* files are
+ignored).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Literal, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also works from a checkout without install
+
+import torch
+
+from litmodel.generate import (Timer, check_lengths, check_sampling, dump_prompt_ids, generate, make_generator,
+                               model_bytes, precision_name, read_stdin_prompt, setup_generation, sync, warmup)
+from litmodel.utils import LitModelError, cli_main
+
+
+def main(
+    checkpoint_dir: Path,
+    prompt: Optional[str] = None,
+    num_samples: int = 1,
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 50,
+    top_p: float = 1.0,
+    seed: Optional[int] = None,
+    precision: Optional[Literal["32-true", "bf16-true", "16-true"]] = None,
+    compile: bool = False,
+    quantize: Optional[Literal["int8"]] = None,
+    device: str = "auto",
+    accelerator: Optional[str] = None,
+) -> list[list[int]]:
+    """Generate text from a prompt.
+
+    Args:
+        checkpoint_dir: A litmodel checkpoint dir (model.safetensors, model_config.yaml, tokenizer files).
+        prompt: The prompt text; omitted or "-": read it from stdin.
+        num_samples: How many continuations of the prompt to generate, one after the other.
+        max_new_tokens: The most tokens to generate per sample (generation also stops at the EOS token).
+        temperature: Sampling temperature; 0 is greedy decoding (always the most likely token).
+        top_k: Sample only among the k most likely tokens (omit or null for no limit).
+        top_p: Nucleus sampling: sample among the most likely tokens whose probability adds up to top_p, in (0, 1].
+        seed: Random seed for reproducible sampling (the same seed gives the same text).
+        precision: Weights and compute dtype: 32-true, bf16-true or 16-true (default: bf16-true).
+        compile: torch.compile the single-token decode step (slow first call, faster tokens after it).
+        quantize: "int8": int8 weight-only quantization of every linear layer (about half bf16's memory).
+        device: auto (cuda if available, else cpu), cpu, cuda or cuda:N.
+        accelerator: Alias of --device (cpu, cuda, gpu or auto); overrides it when given.
+    """
+    check_sampling(temperature, top_k, top_p)
+    if num_samples < 1:
+        raise LitModelError(f"--num_samples must be >= 1, got {num_samples}")
+    if max_new_tokens < 1:
+        raise LitModelError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+    if seed is not None:
+        torch.manual_seed(seed)
+    gen = setup_generation(checkpoint_dir, device=accelerator or device, precision=precision, quantize=quantize,
+                           compile=compile)
+    tok, config = gen.tokenizer, gen.config
+    if prompt is None or prompt == "-":
+        prompt = read_stdin_prompt()
+    ids = tok.encode(prompt)
+    if not ids:
+        raise LitModelError("the prompt is empty and the tokenizer adds no BOS token; pass a non-empty --prompt")
+    check_lengths(len(ids), max_new_tokens, config.block_size)
+    dump_prompt_ids(ids)
+    print(f"loaded {checkpoint_dir} in {gen.load_seconds:.1f} s ({precision_name(gen.dtype)}"
+          f"{', int8' if quantize else ''}, {model_bytes(gen.model) / 1e9:.2f} GB of weights, {gen.device})",
+          file=sys.stderr)
+    max_seq_length = len(ids) + max_new_tokens
+    if compile:
+        t0 = time.perf_counter()
+        warmup(gen, max_seq_length)
+        print(f"compiled the decode step in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    generator = make_generator(seed, gen.device)
+    outputs = []
+    for i in range(num_samples):
+        timer = Timer()
+        decoder = tok.incremental_decoder(context_ids=ids)
+        out = []
+        for t in generate(gen.model, ids, max_new_tokens, temperature, top_k, top_p, tok.stop_ids,
+                          generator=generator, decode_step=gen.decode_step, max_seq_length=max_seq_length):
+            timer.tick()
+            out.append(t)
+            sys.stdout.write(decoder.add(t))
+            sys.stdout.flush()
+        sync(gen.device)
+        sys.stdout.write(decoder.flush() + "\n")
+        sys.stdout.flush()
+        outputs.append(out)
+        label = f"sample {i + 1}/{num_samples}: " if num_samples > 1 else ""
+        print(label + timer.report(gen.device), file=sys.stderr)
+    return outputs
+
+
+def setup(argv: Optional[list[str]] = None) -> None:
+    from argparse import RawDescriptionHelpFormatter
+
+    from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
+
+    class HelpFormatter(DefaultHelpFormatter, RawDescriptionHelpFormatter):
+        pass
+
+    parser = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML file with any of the options below.")
+    parser.add_function_arguments(main)
+    args = parser.parse_args(argv).as_dict()
+    args.pop("config", None)
+    main(**args)
+
+
+if __name__ == "__main__":
+    cli_main(setup)()
