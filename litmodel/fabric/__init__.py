@@ -3,7 +3,7 @@
 ``Fabric`` launches processes (or joins the ones ``torchrun``/``srun`` started), places the model
 (single device, DDP, or FSDP2 ``fully_shard`` per transformer block), runs the forward under the
 chosen precision, and saves/loads training state (one file, or a sharded
-``torch.distributed.checkpoint`` directory under FSDP). See ``docs/fabric.md``.
+``torch.distributed.checkpoint`` directory under FSDP). See the README, "Distributed training with litmodel.fabric".
 
 Modules: ``core`` (Fabric), ``environment`` (options, strategies, torchrun/SLURM detection),
 ``launcher`` (spawning and supervising local workers), ``wrappers`` (precision, FabricModule,

@@ -101,7 +101,7 @@ class Fabric:
                     "equal num_nodes")
         elif num_nodes > 1:
             raise LitModelError(f"num_nodes={num_nodes} needs the processes started on every node by torchrun or "
-                                "srun; see docs/fabric.md (multi-node)")
+                                "srun; see the README section on multi-node training")
         self.devices, self.num_nodes = devices, num_nodes
         self._world_size = devices * num_nodes
         if strategy == "auto":
