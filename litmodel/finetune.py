@@ -715,37 +715,11 @@ def quantize_nf4(model: nn.Module) -> nn.Module:
 
 
 # ---- the command line ----------------------------------------------------------------------------
-def build_parser(fn, description: str = ""):
-    from argparse import RawDescriptionHelpFormatter
-
-    from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
-
-    class HelpFormatter(DefaultHelpFormatter, RawDescriptionHelpFormatter):
-        pass
-
-    parser = ArgumentParser(description=description, formatter_class=HelpFormatter)
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML recipe (see configs/finetune/)")
-    parser.add_function_arguments(fn, as_group=False)
-    return parser
-
-
 def parse_args(fn, argv: Optional[list[str]] = None, description: str = "") -> dict:
     """The keyword arguments of ``fn`` from the command line (classes instantiated)."""
-    parser = build_parser(fn, description)
-    cfg = parser.parse_args(argv)
-    try:
-        init = parser.instantiate(cfg) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg)
-    except Exception as err:  # a LitModelError raised while building e.g. the data module: show just it
-        cause = err
-        while cause is not None and not isinstance(cause, LitModelError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is not None:
-            raise LitModelError(str(cause)) from None
-        raise
-    kwargs = init.as_dict()
-    for key in ("config", "__default_config__"):
-        kwargs.pop(key, None)
-    return kwargs
+    from litmodel.cli import parse_function_args
+
+    return parse_function_args(fn, argv, description, instantiate=True)
 
 
 def setup(method: Literal["lora", "full"], argv: Optional[list[str]] = None, description: str = "") -> Path:

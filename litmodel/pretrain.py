@@ -299,23 +299,10 @@ def run(model_name: str | None = None, model_config: Config | None = None, out_d
 
 def setup(family: str, default_config: Path | None, argv: list[str] | None = None, description: str = "") -> None:
     """Parse ``--config x.yaml`` and flags (``default_config`` fills what they leave out), then `run`."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from litmodel.cli import parse_function_args
 
     defaults = [str(default_config)] if default_config is not None and Path(default_config).is_file() else None
-    from argparse import RawDescriptionHelpFormatter
-
-    from jsonargparse import DefaultHelpFormatter
-
-    class HelpFormatter(DefaultHelpFormatter, RawDescriptionHelpFormatter):
-        pass
-
-    parser = ArgumentParser(description=description, default_config_files=defaults, formatter_class=HelpFormatter)
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML recipe (see configs/pretrain/)")
-    parser.add_function_arguments(run, as_group=False)
-    cfg = parser.parse_args(argv)
-    kwargs = parser.instantiate_classes(cfg).as_dict()
-    kwargs.pop("config", None)
-    kwargs.pop("__default_config__", None)
+    kwargs = parse_function_args(run, argv, description, defaults, instantiate=True)
     name, config = kwargs.get("model_name"), kwargs.get("model_config")
     config = Config.from_name(name) if name else config
     if config is not None and config.family != family:

@@ -61,19 +61,9 @@ def print_summary(out_dir: Path, indexes: dict) -> None:
 
 
 def setup(argv: Optional[list[str]] = None) -> None:
-    from argparse import RawDescriptionHelpFormatter
+    from litmodel.cli import parse_function_args
 
-    from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
-
-    class HelpFormatter(DefaultHelpFormatter, RawDescriptionHelpFormatter):
-        pass
-
-    parser = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--config", action=ActionConfigFile, help="A YAML file with any of the options below.")
-    parser.add_function_arguments(main)
-    args = parser.parse_args(argv).as_dict()
-    args.pop("config", None)
-    main(**args)
+    main(**parse_function_args(main, argv, __doc__))
 
 
 if __name__ == "__main__":
