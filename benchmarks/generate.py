@@ -150,30 +150,21 @@ def main() -> None:
               + f"; bandwidth {bws[-2]:.1f}/{bws[-1]:.1f} GB/s", file=sys.stderr, flush=True)
     bw = statistics.median(bws)
 
-    def agree(a, b):
-        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-        return n
-
-    hf_ref = {"fp32": tokens.get("hf-fp32"), "bf16": tokens.get("hf-bf16")}
     rows = []
     print(f"\n{datetime.date.today()}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, median read bandwidth {bw:.1f} GB/s (min {min(bws):.1f}, max {max(bws):.1f})\n")
-    print("| variant | decode tok/s (median) | min-max | weights MB | floor tok/s | % of floor | vs transformers |"
-          " same greedy tokens as transformers |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| variant | decode tok/s (median) | min-max | weights MB | floor tok/s | % of floor | vs transformers |")
+    print("|---|---|---|---|---|---|---|")
     for v in variants:
         med = statistics.median(speeds[v])
         floor = bw * 1e9 / nbytes[v]
         prec = "fp32" if "fp32" in v else "bf16"
         hf_key = f"hf-{prec}"
         vs = f"{med / statistics.median(speeds[hf_key]):.2f}x" if hf_key in speeds and not v.startswith("hf") else ""
-        same = ""
-        if hf_ref.get(prec) is not None and not v.startswith("hf"):
-            same = f"first {agree(tokens[v], hf_ref[prec])}/{args.new}"
         rows.append(dict(variant=v, tok_s=med, all=speeds[v], weights_mb=nbytes[v] / 1e6, floor=floor,
                          pct_floor=100 * med / floor, setup_s=compile_s[v]))
         print(f"| {v} | {med:.1f} | {min(speeds[v]):.1f}-{max(speeds[v]):.1f} | {nbytes[v] / 1e6:.0f} | {floor:.0f} | "
-              f"{100 * med / floor:.0f}% | {vs} | {same} |")
+              f"{100 * med / floor:.0f}% | {vs} |")
     if args.json:
         args.json.write_text(json.dumps(dict(bandwidth=bws, rows=rows, threads=torch.get_num_threads(),
                                              torch=torch.__version__, date=str(datetime.date.today()),

@@ -75,7 +75,7 @@ def main(
     check_lengths(len(ids), max_new_tokens, config.block_size)
     dump_prompt_ids(ids)
     print(f"loaded {checkpoint_dir} in {gen.load_seconds:.1f} s ({precision_name(gen.dtype)}"
-          f"{', int8' if quantize else ''}, {model_bytes(gen.model) / 1e9:.2f} GB of weights, {gen.device})",
+          f"{', int8' if quantize else ''}, {model_bytes(gen.model) / 1e6:.1f} MB of weights, {gen.device})",
           file=sys.stderr)
     max_seq_length = len(ids) + max_new_tokens
     if compile:
