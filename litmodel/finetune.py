@@ -46,6 +46,7 @@ from litmodel.training import (EvalArgs, SpeedMonitor, TrainArgs, accumulation_s
                                cpu_supports_fast_bf16, flops_per_token, format_eta, lr_at, measure_peak_flops,
                                memory_mb, prune_step_dirs, resolve_precision, resolve_resume,
                                save_final_checkpoint, set_lr, step_dir)
+from litmodel.sharded_checkpoint import fill_from_checkpoint
 from litmodel.utils import LitModelError, atomic_dir
 
 QUANTIZE_MODES = ("bnb.nf4",)
@@ -301,10 +302,11 @@ def main(fabric: Fabric, spec: RunSpec) -> None:
         fabric.print(f"note: {truncated} example(s) longer than max_seq_length={max_seq_length} were truncated "
                      "(raise --train.max_seq_length to keep them whole)")
 
-    # 2. the model: every rank loads the checkpoint (memory-mapped), LoRA gets the same init everywhere (seeded)
+    # 2. the model: memory-mapped (FSDP: on meta, then each rank reads its shards); LoRA: the same init everywhere
     dtype = _param_dtype(fabric.precision)
-    on_device = fabric.device if fabric.strategy != "fsdp" else torch.device("cpu")  # FSDP moves shards itself
-    model = load_model(spec.checkpoint_dir, device=on_device, dtype=dtype)
+    sharded_load = fabric.strategy == "fsdp"  # on meta; after sharding each rank reads only its shards
+    model = load_model(spec.checkpoint_dir, device="meta" if sharded_load else fabric.device, dtype=dtype)
+    lora_rng = torch.get_rng_state()
     if spec.method == "lora":
         apply_lora(model, **spec.lora.to_dict())
         if spec.quantize:
@@ -316,6 +318,8 @@ def main(fabric: Fabric, spec: RunSpec) -> None:
     fabric.print(f"model: {config.name} ({config.model_type}), {total / 1e6:.1f}M parameters, {trainable / 1e6:.3f}M "
                  f"trainable ({spec.method}), max_seq_length {max_seq_length}, {fabric.precision}")
     model = fabric.setup(model)
+    if sharded_load:
+        fill_from_checkpoint(model, spec.checkpoint_dir, lora_rng)
     optimizer = fabric.setup_optimizers(build_optimizer(model, train))
 
     # 3. data loaders (seeded, resumable), schedule length
