@@ -41,8 +41,9 @@ from litmodel.fabric import Fabric
 from litmodel.lora import (LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, LoRAConfig, apply_lora, load_lora,
                            mark_only_lora_as_trainable, merge_lora)
 from litmodel.plot import write_loss_plot
-from litmodel.training import (EvalArgs, TrainArgs, accumulation_steps, build_optimizer, fit, flops_per_token,
-                               resolve_precision, resolve_resume, save_final_checkpoint)
+from litmodel.flops import train_flops_per_token
+from litmodel.training import (EvalArgs, TrainArgs, accumulation_steps, build_optimizer, fit, resolve_precision,
+                               resolve_resume, save_final_checkpoint)
 from litmodel.utils import LitModelError, atomic_dir
 
 QUANTIZE_MODES = ("bnb.nf4",)
@@ -348,7 +349,7 @@ def main(fabric: Fabric, spec: RunSpec) -> None:
     fit(fabric, model, optimizer, train_loader, train=train, eval=spec.eval, out_dir=out_dir, max_steps=max_steps,
         schedule_steps=schedule_steps, val_loader=val_loader, evaluators=evaluators, state=state,
         resume_from=resume_from, save_fn=save_fn, load_fn=load_fn,
-        flops_per_token=flops_per_token(config, seq_len, backward="lora" if spec.method == "lora" else "full"))
+        flops_per_token=train_flops_per_token(model, config, seq_len))
 
     # 6. out_dir/final: the checkpoint dir every other script reads; the loss curve
     final = out_dir / "final"

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 
 from litmodel.config import Config
 from litmodel.fabric import capture_rng_state, restore_rng_state
+from litmodel.flops import Peak, peak_flops
+from litmodel.flops import mfu as flops_mfu
 from litmodel.utils import LitModelError
 
 IGNORE_INDEX = -100  # label of positions that are not trained on (prompt, padding); F.cross_entropy's default
@@ -182,10 +184,13 @@ def measure_peak_flops(dtype: torch.dtype, device: torch.device | str = "cpu", s
 
 
 class SpeedMonitor:
-    """Tokens/s, MFU and ETA over a sliding window of recent optimizer steps."""
+    """Tokens/s, MFU and ETA over a sliding window of recent optimizer steps.
 
-    def __init__(self, flops_per_token: float, peak_flops: float | None, world_size: int = 1, window: int = 10):
-        self.flops_per_token, self.peak_flops, self.world_size = flops_per_token, peak_flops, world_size
+    ``peak``: the per-device FLOP/s MFU divides by (`litmodel.flops.peak_flops`); None or an unknown
+    peak: no MFU."""
+
+    def __init__(self, flops_per_token: float, peak: Peak | None, world_size: int = 1, window: int = 10):
+        self.flops_per_token, self.peak, self.world_size = flops_per_token, peak, world_size
         self.window = window
         self.history: list[tuple[float, int]] = []  # (time, total tokens so far)
 
@@ -200,9 +205,11 @@ class SpeedMonitor:
         return (n1 - n0) / max(t1 - t0, 1e-9)
 
     def mfu(self) -> float:
-        if not self.peak_flops:
+        """Utilisation of each device in [0, 1] (all processes' tokens over world_size devices); NaN if unknown."""
+        if self.peak is None or not self.flops_per_token:
             return float("nan")
-        return self.tokens_per_sec() * self.flops_per_token / (self.peak_flops * self.world_size)
+        value = flops_mfu(self.tokens_per_sec() * self.flops_per_token / self.world_size, self.peak)
+        return float("nan") if value is None else value
 
     def eta_seconds(self, total_tokens: int, target_tokens: int) -> float:
         rate = self.tokens_per_sec()
@@ -374,7 +381,8 @@ def fit(fabric, model: nn.Module, optimizer: torch.optim.Optimizer, train_loader
     it with ``save_fn(path, state)`` (default ``fabric.save``) to ``out_dir/step-XXXXXX.pt`` (a
     ``step-XXXXXX/`` DCP dir when ``state`` holds an FSDP model). ``resume_from``: such a checkpoint,
     loaded with ``load_fn(path, state)`` (default ``fabric.load``) before the first step.
-    ``flops_per_token``: training FLOPs per token read, for MFU (None: not reported).
+    ``flops_per_token``: training FLOPs per token read (`litmodel.flops.train_flops_per_token`), for MFU
+    against `litmodel.flops.peak_flops` (None: no MFU).
     Returns ``{"step", "tokens", "units", "val_loss", ...}``: the counters and the last validation.
     """
     out_dir = Path(out_dir)
@@ -390,8 +398,10 @@ def fit(fabric, model: nn.Module, optimizer: torch.optim.Optimizer, train_loader
         restore_rng_state(state["rng"])
         fabric.print(f"resumed from {resume_from} at step {state['step']}")
 
-    speed = SpeedMonitor(flops_per_token or 0.0, _peak_flops(fabric) if flops_per_token else None,
-                         fabric.world_size)
+    peak = peak_flops(fabric.device, fabric.precision) if flops_per_token else None  # CPU: measured once, cached
+    speed = SpeedMonitor(flops_per_token or 0.0, peak, fabric.world_size)
+    if peak is not None:
+        fabric.print(f"MFU below: {peak.label}" if peak.flops else peak.label)
     results: dict[str, float] = {}
     if eval.initial_validation:
         results = _validate_and_log(fabric, model, val_loader, evaluators, loss_fn, count_fn, eval, state)
@@ -449,7 +459,9 @@ def fit(fabric, model: nn.Module, optimizer: torch.optim.Optimizer, train_loader
             eta = format_eta((max_steps - step) * speed.seconds_per_step())
             fabric.print(f"step {step}/{max_steps}" + (f" | epoch {epoch:.2f}" if epoch is not None else "")
                          + f" | loss {metrics.get('loss', float('nan')):.4f} | lr {lr:.2e} | "
-                         f"{metrics['tokens_per_sec']:.0f} tok/s | MFU {_percent(metrics['mfu'])} | ETA {eta}")
+                         f"{metrics['tokens_per_sec']:.0f} tok/s"
+                         + (f" | MFU {metrics['mfu'] * 100:.1f}%" if metrics["mfu"] == metrics["mfu"] else "")
+                         + f" | ETA {eta}")
         if (eval.interval and step % eval.interval == 0) or (is_last and eval.final_validation):
             results = _validate_and_log(fabric, model, val_loader, evaluators, loss_fn, count_fn, eval, state)
             speed.restart()  # keep validation time out of the throughput
@@ -518,16 +530,3 @@ def _epoch(loader) -> float | None:
     if hasattr(loader, "batches_yielded") and hasattr(loader, "__len__") and len(loader):
         return loader.epoch + loader.batches_yielded / len(loader)
     return None
-
-
-def _percent(x: float) -> str:
-    return "n/a" if x != x else f"{x * 100:.1f}%"
-
-
-def _peak_flops(fabric) -> float:
-    """The matmul rate of the precision's compute dtype, measured now (the MFU denominator)."""
-    p = fabric.precision
-    dtype = torch.bfloat16 if p.startswith("bf16") else torch.float16 if p.startswith("16") else torch.float32
-    slow = fabric.device.type == "cpu" and p != "32-true" and not cpu_supports_fast_bf16()
-    size = 256 if slow else 2048 if fabric.device.type == "cuda" else 1024  # a reference-path bf16 probe is slow
-    return measure_peak_flops(dtype, fabric.device, size=size, seconds=0.3)
