@@ -17,8 +17,9 @@ positions/mask, `sft_loss`, backward, clipping, AdamW):
 The variants run interleaved, one step each per round (round 0 is a warm-up and is not counted), and
 the table reports medians over rounds, because the machine is shared. MFU is what the training loop
 prints: tokens/s x `litmodel.flops.train_flops_per_token(model, config, T)` over this machine's peak for
-the variant's matmul dtype (`litmodel.flops.peak_flops`: measured once, cached). The table also gives
-the matmul rate measured just before each step ("matmul now"), a gauge of how busy the machine was. Memory: the process's peak resident set during the step
+the variant's matmul dtype (`litmodel.flops.peak_flops`: measured once, cached); "CPU time" columns
+use the step's CPU time / threads instead of its wall time. The table also gives the matmul rate by
+wall time measured just before each step ("matmul now"), a gauge of how busy the machine was. Memory: the process's peak resident set during the step
 minus the resident set before it (glibc's free memory is trimmed first), i.e. activations, gradients,
 optimizer state and temporaries, not the weights.
 """
@@ -140,6 +141,7 @@ class Variant:
     cpu_useful: list = field(default_factory=list)
     now: list = field(default_factory=list)  # matmul FLOP/s measured just before the step
     mfu: list = field(default_factory=list)
+    mfu_cpu: list = field(default_factory=list)  # tokens per CPU second (had it had the cores to itself)
     mem: list = field(default_factory=list)
 
     @property
@@ -251,7 +253,7 @@ def main() -> None:
                 v.batches = saved
                 continue
             # how busy the machine is right now (the matmul rate of this dtype), then the step
-            now = measure_matmul_flops(matmul_dtype(v.precision), "cpu", seconds=0.5, rounds=1)
+            now = measure_matmul_flops(matmul_dtype(v.precision), "cpu", seconds=0.5, rounds=1, wall_only=True)
             dt, cpu, tokens, useful, seq, mem = run_step(v)
             cpu_dt = cpu / torch.get_num_threads()  # the step's time had it had the cores to itself
             fpt = train_flops_per_token(v.model, config, seq)
@@ -262,10 +264,12 @@ def main() -> None:
             v.cpu_useful.append(useful / cpu_dt)
             v.now.append(now)
             v.mfu.append(mfu(tokens / dt * fpt, peaks[v.precision]))
+            v.mfu_cpu.append(mfu(tokens / cpu_dt * fpt, peaks[v.precision]))
             v.mem.append(mem)
             print(f"  round {r} {v.name}: {dt:.2f}s (cpu {cpu:.1f}s), {tokens / dt:.1f} tok/s, "
                   f"{useful / dt:.1f} useful tok/s, "
-                  f"MFU {v.mfu[-1] * 100:.1f}% {peaks[v.precision].label}, matmul now {now / 1e9:.1f} GFLOP/s, "
+                  f"MFU {v.mfu[-1] * 100:.1f}% (CPU time: {v.mfu_cpu[-1] * 100:.1f}%) {peaks[v.precision].label}, "
+                  f"matmul now {now / 1e9:.1f} GFLOP/s, "
                   f"+{mem:.0f} MB "
                   f"({time.perf_counter() - t_start:.0f}s)", flush=True)
         if r == 0:
@@ -273,12 +277,13 @@ def main() -> None:
     med = statistics.median
     print(f"\ntotal {time.perf_counter() - t_start:.0f}s; medians of {args.rounds} interleaved rounds")
     print("\n| variant | B x T | step s | tokens/s | useful tokens/s | tokens/s (CPU time) | useful tokens/s (CPU time) "
-          "| MFU | peak GFLOP/s (cached) | matmul now GFLOP/s | step peak +MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| MFU | MFU (CPU time) | peak GFLOP/s (cached) | matmul now GFLOP/s (wall) | step peak +MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for v in variants:
         print(f"| {v.name} | {v.B} x {v.T if v.data == 'fixed' else '≤' + str(v.T)} | {med(v.times):.2f} | "
               f"{med(v.tokens):.1f} | {med(v.useful):.1f} | {med(v.cpu_tokens):.1f} | {med(v.cpu_useful):.1f} | "
-              f"{med(v.mfu) * 100:.1f}% | {peaks[v.precision].flops / 1e9:.2f} | {med(v.now) / 1e9:.2f} | "
+              f"{med(v.mfu) * 100:.1f}% | {med(v.mfu_cpu) * 100:.1f}% | {peaks[v.precision].flops / 1e9:.2f} | "
+              f"{med(v.now) / 1e9:.2f} | "
               f"{med(v.mem):.0f} |")
     by = {v.name: v for v in variants}
 

@@ -225,7 +225,7 @@ def cache_dir() -> Path:
 
 
 def measure_matmul_flops(dtype: torch.dtype, device: torch.device | str = "cpu", seconds: float = 5.0,
-                         rounds: int = 5, max_size: int = 2048) -> float:
+                         rounds: int = 5, max_size: int = 2048, wall_only: bool = False) -> float:
     """The best matrix-product rate (FLOP/s) over ``rounds`` rounds filling ``seconds`` in all.
 
     The size grows from 512 until one product takes >= 50 ms (capped at ``max_size``), so a slow dtype (bf16
@@ -233,7 +233,8 @@ def measure_matmul_flops(dtype: torch.dtype, device: torch.device | str = "cpu",
     round's rate is the larger of FLOPs per wall second and FLOPs per CPU second of this process
     times its threads: on a shared machine the process is preempted, and wall time alone would
     measure the neighbours' load (seen here: 9 GFLOP/s by wall time, 113 by CPU time, at load 11
-    on 2 cores), not what the cores can do."""
+    on 2 cores), not what the cores can do. ``wall_only``: the rate by wall time (how busy the
+    machine is right now)."""
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     threads = torch.get_num_threads()
@@ -259,7 +260,7 @@ def measure_matmul_flops(dtype: torch.dtype, device: torch.device | str = "cpu",
         sync()
         flops = 2 * size**3 * n
         best = max(best, flops / (time.perf_counter() - start))
-        if device.type == "cpu":
+        if device.type == "cpu" and not wall_only:
             best = max(best, flops * threads / max(time.process_time() - cpu_start, 1e-9))
     return best
 
