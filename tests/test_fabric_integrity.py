@@ -315,3 +315,27 @@ def test_atomic_writes_fsync_before_publishing(tmp_path, io_log):
     rename = next(i for i, e in enumerate(io_log) if e[0] == "replace")
     assert ("fsync", str(staging / "config.json")) in io_log[:rename]
     assert ("fsync", str(tmp_path / "hf")) in io_log[rename:]
+
+
+def test_load_raw_safetensors_one_process_and_bad_checkpoints(tmp_path):
+    from litmodel.utils import LitModelError
+
+    torch.manual_seed(0)
+    src = build_model(tiny(tie_embeddings=True))
+    src.init_weights()
+    save_checkpoint_dir(tmp_path / "ckpt", src, src.config)
+    fabric = Fabric(accelerator="cpu")
+    with fabric.init_module(empty_init=True):
+        model = build_model(tiny(tie_embeddings=True))
+    model = fabric.setup(model)
+    fabric.load_raw(tmp_path / "ckpt" / MODEL_FILE, model)
+    for k, v in src.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert model.lm_head.weight is model.wte.weight
+    wider = fabric.setup(build_model(tiny(n_embd=64)))
+    with pytest.raises(LitModelError, match=r"'blocks.0.attn.proj.weight' has shape \(32, 32\) but the model's is "
+                                            r"\(64, 64\)"):
+        fabric.load_raw(tmp_path / "ckpt" / MODEL_FILE, wider)
+    untied = fabric.setup(build_model(tiny()))  # the file stores a tied head once: lm_head.weight is missing
+    with pytest.raises(LitModelError, match=r"has no tensor 'lm_head.weight' \(1 missing in all\)"):
+        fabric.load_raw(tmp_path / "ckpt" / MODEL_FILE, untied)
