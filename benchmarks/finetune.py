@@ -19,9 +19,10 @@ the table reports medians over rounds, because the machine is shared. MFU is wha
 prints: tokens/s x `litmodel.flops.train_flops_per_token(model, config, T)` over this machine's peak for
 the variant's matmul dtype (`litmodel.flops.peak_flops`: measured once, cached); "CPU time" columns
 use the step's CPU time / threads instead of its wall time. The table also gives the matmul rate by
-wall time measured just before each step ("matmul now"), a gauge of how busy the machine was. Memory: the process's peak resident set during the step
-minus the resident set before it (glibc's free memory is trimmed first), i.e. activations, gradients,
-optimizer state and temporaries, not the weights.
+wall time measured just before each step ("matmul now"), a gauge of how busy the machine was.
+Memory: the process's peak resident set during the step minus the resident set before it (glibc's
+free memory is trimmed first), i.e. activations, gradients, optimizer state and temporaries, not the
+weights.
 """
 
 from __future__ import annotations

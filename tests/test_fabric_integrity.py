@@ -212,7 +212,8 @@ def fsdp_worker(fabric: Fabric, small: str, lora_ref: dict, big: str, out_dir: s
     out["local_mb"] = sum(p.to_local().numel() * p.element_size() for p in params) / 2**20
     out["full_mb"] = sum(p.numel() * p.element_size() for p in params) / 2**20
     out["largest_local_mb"] = max(torch.Size(local_box(p)[0]).numel() * p.element_size() for p in params) / 2**20
-    out["big_equal"] = equal(get_model_state_dict(bmodel.module, options=full), mmap_safetensors(Path(big) / MODEL_FILE))
+    bsd = get_model_state_dict(bmodel.module, options=full)
+    out["big_equal"] = equal(bsd, mmap_safetensors(Path(big) / MODEL_FILE))
     return out
 
 
