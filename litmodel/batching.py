@@ -360,6 +360,22 @@ class BatchEngine:
             req.error = message
             self._emit(req, None, "", "error")
 
+    @torch.inference_mode()
+    def warmup(self) -> None:
+        """Run the decode step once for every batch bucket (1, 2, 4, ...): a compiled step compiles each shape
+        now rather than during the first requests. Only free rows are written (at position 0)."""
+        if self.num_active:
+            raise RuntimeError("warmup() needs an idle engine")
+        n = 1
+        while True:
+            self.pos.zero_()
+            idx = torch.zeros(n, 1, dtype=torch.long, device=self.device)
+            mask = (self._key_slots[None, :] <= self.pos[:n, None]).view(n, 1, 1, -1)
+            self.step_fn(idx, self._last_slot, self.pos[:n, None], mask)
+            if n >= self.max_batch_size:
+                break
+            n = _bucket(n + 1, self.max_batch_size)
+
     def run(self) -> None:
         """Step until every submitted request has finished."""
         while self.has_work():
