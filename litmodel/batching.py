@@ -205,6 +205,7 @@ class BatchEngine:
         self.waiting: deque[Request] = deque()
         self._lock = threading.Lock()
         self.steps = 0
+        self.stats = {"finished": 0, "cancelled": 0, "error": 0, "prompt_tokens": 0, "completion_tokens": 0}
 
     # -- queue
     def check(self, request: Request) -> None:
@@ -340,6 +341,9 @@ class BatchEngine:
         if reason is not None:
             req.finish_reason = reason
             req.finished_time = time.perf_counter()
+            self.stats[reason if reason in ("cancelled", "error") else "finished"] += 1
+            self.stats["prompt_tokens"] += len(req.prompt_ids)
+            self.stats["completion_tokens"] += req.completion_tokens
         try:
             if req.on_output is not None:
                 req.on_output(Output(req, token, text, reason))

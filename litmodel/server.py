@@ -164,7 +164,7 @@ def create_app(runner: EngineThread, tokenizer, model_name: str, api_key: str | 
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "active": engine.num_active, "waiting": len(engine.waiting),
-                "max_batch_size": engine.max_batch_size, "max_seq_length": engine.max_seq_length}
+                "max_batch_size": engine.max_batch_size, "max_seq_length": engine.max_seq_length, **engine.stats}
 
     @app.get("/v1/models")
     async def models() -> dict:
