@@ -205,7 +205,8 @@ class BatchEngine:
         self.waiting: deque[Request] = deque()
         self._lock = threading.Lock()
         self.steps = 0
-        self.stats = {"finished": 0, "cancelled": 0, "error": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        self.stats = {"finished": 0, "cancelled": 0, "error": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                      "max_active": 0}
 
     # -- queue
     def check(self, request: Request) -> None:
@@ -265,6 +266,7 @@ class BatchEngine:
             return
         r = self.slots.index(None)
         self.slots[r] = req
+        self.stats["max_active"] = max(self.stats["max_active"], self.num_active)
         p = req.params
         req._generator = make_generator(p.seed, self.device)
         if self.tokenizer is not None:
