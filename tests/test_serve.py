@@ -38,6 +38,15 @@ TEXT = ("The quick brown fox jumps over the lazy dog. Héllo wörld, ça va? 日
         "Once upon a time there was a small model that generated text one token at a time. ") * 20
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (and OpenMP teams stall when other jobs share the cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     """A tiny Llama checkpoint (context 2048) with a byte-level BPE tokenizer and a ChatML chat template."""
@@ -295,3 +304,32 @@ def test_sigterm_finishes_in_flight_work_and_exits_0(ckpt, ref, tmp_path):
         assert "stopped by SIGTERM" in s.log.read_text()
     finally:
         s.stop()
+
+
+def test_base_prompts_file_is_batched_and_equals_lone_answers(ckpt, ref, tmp_path, capsys):
+    """generate/base.py --prompts_file: text lines or JSON lines, one JSON line out per prompt, in order."""
+    import importlib.util
+
+    from litmodel.utils import cli_main
+
+    spec = importlib.util.spec_from_file_location("_litmodel_generate_base_batch", ROOT / "generate" / "base.py")
+    base = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(base)
+    tok = ref.tok
+    prompts = ["Once upon a time", "Héllo", "The quick brown fox jumps over the lazy dog.", "日本語"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n\n", encoding="utf-8")
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"prompt": p}) for p in prompts), encoding="utf-8")
+    expected = [tok.decode(ref(tok.encode(p), 15, stop_ids=tok.stop_ids)) for p in prompts]
+    for name in ("p.txt", "p.jsonl"):
+        cli_main(base.setup)(["--checkpoint_dir", str(ckpt), "--prompts_file", str(tmp_path / name),
+                              "--max_new_tokens", "15", "--temperature", "0", "--precision", "32-true",
+                              "--max_batch_size", "3"])
+        out = capsys.readouterr()
+        rows = [json.loads(ln) for ln in out.out.splitlines()]
+        assert [r["prompt"] for r in rows] == prompts and [r["completion"] for r in rows] == expected
+        assert all(r["finish_reason"] == "length" and r["completion_tokens"] == 15 for r in rows)
+        assert "4/4 prompts" in out.err
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    with pytest.raises(SystemExit):
+        cli_main(base.setup)(["--checkpoint_dir", str(ckpt), "--prompts_file", str(tmp_path / "bad.jsonl")])
+    assert 'line 2' in capsys.readouterr().err
