@@ -12,6 +12,9 @@ every concurrency level once (rotated order); the table reports medians over rou
   [DONE];
 * time to first token (TTFT): send -> first streamed chunk, p50 / p95 over all requests of all rounds;
 * wall time relative to one client (the target: 8 concurrent requests in under 2x the time of one).
+Before the server starts, the engine alone (no HTTP, no prefill) times one decode step with 1, 4, 8 and 16
+active slots (median of --steps steps): what batching costs per step, free of the prefills that dominate
+short requests.
 """
 
 from __future__ import annotations
@@ -54,6 +57,31 @@ def make_checkpoint(out: Path, model_name: str) -> Path:
     (out / "tok").mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tok" / "tokenizer.json"))
     return save_checkpoint_dir(out / "ckpt", model, cfg, tokenizer_dir=out / "tok")
+
+
+def step_times(ckpt: Path, precision: str, sizes: list[int], steps: int) -> dict[int, float]:
+    """Median seconds of one engine decode step with n active slots (the server's model setup, in-process)."""
+    from litmodel.batching import BatchEngine, Request, SamplingParams
+    from litmodel.generate import setup_generation
+
+    gen = setup_generation(ckpt, device="cpu", precision=precision)
+    out = {}
+    for n in sizes:
+        engine = BatchEngine(gen.model, max_batch_size=max(sizes), max_seq_length=64, decode_step=gen.decode_step)
+        for i in range(n):
+            engine.submit(Request([5 + i] * 4, SamplingParams(max_tokens=60, temperature=0)))
+        for _ in range(n):
+            engine.step()  # admits one request per step
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - t0)
+        out[n] = statistics.median(times)
+        engine.close()
+        print(f"decode step with {n:2d} active slots: {out[n] * 1000:.0f} ms", file=sys.stderr)
+    del gen
+    return out
 
 
 def free_port() -> int:
@@ -110,19 +138,26 @@ def main() -> None:
     ap.add_argument("--max_batch_size", type=int, default=16)
     ap.add_argument("--precision", default="32-true")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--threads", type=int, help="torch threads of the server and of the step timing (default: torch's)")
+    ap.add_argument("--steps", type=int, default=5, help="decode steps timed per batch size (0: skip)")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
+    env = dict(os.environ)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        env["OMP_NUM_THREADS"] = str(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         ckpt = make_checkpoint(Path(tmp), args.model_name)
         print(f"saved a random {args.model_name} checkpoint in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        steps = step_times(ckpt, args.precision, [1, 4, 8, 16], args.steps) if args.steps else {}
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, str(ROOT / "generate" / "serve.py"), "--checkpoint_dir", str(ckpt), "--port", str(port),
                "--precision", args.precision, "--max_batch_size", str(args.max_batch_size), "--max_seq_length",
                str(args.prompt_tokens + args.max_tokens), "--log_level", "warning", "--compile", str(args.compile)]
-        server = subprocess.Popen(cmd, cwd=ROOT)
+        server = subprocess.Popen(cmd, cwd=ROOT, env=env)
         try:
             deadline = time.time() + 900
             while True:
@@ -150,7 +185,8 @@ def main() -> None:
             server.wait(120)
     load = os.getloadavg()
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    print(f"\n{datetime.date.today()} | {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    print(f"\n{datetime.date.today()} | {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}, "
           f"{platform.python_version()} | load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
     print(f"{args.model_name}-shaped random model, {args.precision}{', compiled' if args.compile else ', eager'}, "
           f"{args.prompt_tokens}-token prompts, {args.max_tokens} new tokens each (greedy), --max_batch_size "
@@ -168,8 +204,12 @@ def main() -> None:
                    "ttft_p50": pct(ttft, 0.5), "ttft_p95": pct(ttft, 0.95)}
         print(f"| {c} | {rows[c]['tok_s']:.1f} | {wall:.1f} s | {rel} | {rows[c]['ttft_p50']:.2f} s | "
               f"{rows[c]['ttft_p95']:.2f} s |")
+    if steps:
+        print("\n| active slots | decode step | output tokens/s | step time vs 1 slot |\n|---|---|---|---|")
+        for n, t in steps.items():
+            print(f"| {n} | {t * 1000:.0f} ms | {n / t:.1f} | {t / steps[1]:.2f}x |")
     if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows,
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows, "steps": steps,
                                          "raw": results}, indent=1, default=str))
 
 

@@ -97,12 +97,13 @@ def main(
     app = create_app(EngineThread(engine), gen.tokenizer, model_name=str(checkpoint_dir), api_key=api_key,
                      shutdown_timeout=shutdown_timeout)
 
-    def on_sigterm(signum, frame):
+    def on_stop_signal(signum, frame):
         # uvicorn handles the signal while it runs and raises it again once it has shut down gracefully;
         # this handler then keeps the exit status 0 (a clean, requested stop)
-        print("stopped by SIGTERM", file=sys.stderr)
+        print(f"stopped by {signal.Signals(signum).name}", file=sys.stderr)
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGTERM, on_stop_signal)
+    signal.signal(signal.SIGINT, on_stop_signal)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=shutdown_timeout)
     uvicorn.Server(config).run()
