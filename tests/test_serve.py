@@ -333,3 +333,24 @@ def test_base_prompts_file_is_batched_and_equals_lone_answers(ckpt, ref, tmp_pat
     with pytest.raises(SystemExit):
         cli_main(base.setup)(["--checkpoint_dir", str(ckpt), "--prompts_file", str(tmp_path / "bad.jsonl")])
     assert 'line 2' in capsys.readouterr().err
+
+
+def test_help_and_the_missing_extra_error(monkeypatch, capsys):
+    import importlib
+
+    from litmodel.utils import LitModelError
+
+    spec = importlib.util.spec_from_file_location("_litmodel_generate_serve", ROOT / "generate" / "serve.py")
+    serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve)
+    with pytest.raises(SystemExit) as exit_:
+        serve.setup(["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    for flag in ("--checkpoint_dir", "--host", "--port", "--max_batch_size", "--max_seq_length", "--max_queue",
+                 "--api_key", "--shutdown_timeout", "--precision", "--compile", "--quantize"):
+        assert flag in out
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if the extra were not installed
+    monkeypatch.delitem(sys.modules, "litmodel.server", raising=False)
+    with pytest.raises(LitModelError, match=r'pip install -e "\.\[serve\]"'):
+        importlib.import_module("litmodel.server")
