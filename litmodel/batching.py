@@ -228,7 +228,8 @@ class BatchEngine:
     def submit(self, request: Request) -> Request:
         self.check(request)
         with self._lock:
-            if self.max_queue is not None and len(self.waiting) + self.num_active >= self.max_batch_size + self.max_queue:
+            busy = len(self.waiting) + self.num_active
+            if self.max_queue is not None and busy >= self.max_batch_size + self.max_queue:
                 raise QueueFull(f"all {self.max_batch_size} slots are busy and {len(self.waiting)} requests wait; "
                                 "retry later")
             self.waiting.append(request)

@@ -25,7 +25,8 @@ try:  # an optional extra: say how to install it instead of a traceback
     from fastapi.responses import JSONResponse, StreamingResponse
     from pydantic import BaseModel, ConfigDict
 except ImportError as err:  # pragma: no cover - depends on the environment
-    raise LitModelError(f'serving needs FastAPI and uvicorn ({err.name} is missing); pip install -e ".[serve]"') from None
+    raise LitModelError(f'serving needs FastAPI and uvicorn ({err.name} is missing): pip install -e ".[serve]"'
+                        ) from None
 
 from litmodel.batching import EngineThread, Output, QueueFull, Request, SamplingParams
 

@@ -148,3 +148,15 @@ def test_text_stream_never_breaks_characters_and_cuts_at_stop_strings():
     assert hit and "".join(parts) == "naïve "
     parts, hit = _stream("ab ab abc", stop=["abc"])
     assert hit and "".join(parts) == "ab ab "
+
+
+def test_int8_and_bf16_models_batch_like_alone():
+    """The serving options --quantize int8 and --precision bf16-true keep lone == batched."""
+    from litmodel.quantize import optimize_for_decode, quantize_int8
+
+    prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12], [13], [20, 21, 22]]
+    params = [SamplingParams(max_tokens=6 + 2 * i, temperature=0) for i in range(len(prompts))]
+    bf16 = optimize_for_decode(tiny("gpt2").to(torch.bfloat16), compiled=False)
+    for model in (quantize_int8(tiny("llama-gqa")), bf16):
+        reqs = generate_many(model, prompts, params, max_batch_size=3, max_seq_length=32)
+        assert [r.output_ids for r in reqs] == [lone(model, p, q, 32) for p, q in zip(prompts, params)]
