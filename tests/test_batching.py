@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from litmodel import Config, build_model
-from litmodel.batching import BatchEngine, QueueFull, Request, SamplingParams, TextStream, generate_many
-from litmodel.generate import generate
+from litmodel.batching import BatchEngine, QueueFull, Request, SamplingParams, TextStream
+from litmodel.generate import generate, generate_many  # generate_many: litmodel.batching's, re-exported
 from litmodel.utils import LitModelError
 
 
