@@ -222,6 +222,8 @@ class BatchEngine:
                                 "or shorten the prompt")
         if p.temperature < 0 or not (0 < p.top_p <= 1) or (p.top_k is not None and p.top_k < 1):
             raise LitModelError("temperature must be >= 0, top_p in (0, 1] and top_k >= 1")
+        if p.seed is not None and not (-2**63 <= p.seed < 2**64):
+            raise LitModelError(f"seed must fit in 64 bits, got {p.seed}")
         if p.stop and self.tokenizer is None:
             raise LitModelError("stop strings need a tokenizer; pass tokenizer= to the engine")
 
@@ -268,21 +270,31 @@ class BatchEngine:
         r = self.slots.index(None)
         self.slots[r] = req
         self.stats["max_active"] = max(self.stats["max_active"], self.num_active)
+        try:
+            logits = self._prefill(r, req)
+        except Exception as err:  # this request fails alone; the others keep decoding
+            traceback.print_exc()
+            req.error = f"{type(err).__name__}: {err}"
+            req._stream = None
+            self._finish(r, req, "error", None)
+            return
+        self._pos[r] = len(req.prompt_ids)
+        self._accept(r, req, self._sample(logits, [req])[0])
+
+    def _prefill(self, r: int, req: Request) -> torch.Tensor:
+        """Write the prompt's keys/values into row ``r`` (batch 1, as a lone `generate` does); next-token logits."""
         p = req.params
         req._generator = make_generator(p.seed, self.device)
         if self.tokenizer is not None:
             req._stream = TextStream(self.tokenizer, req.prompt_ids, p.stop)
         ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)
-        n = ids.size(1)
         for c in self._caches:
             c.row = r
         try:
-            logits = self.model(ids, torch.arange(n, device=self.device))[:, -1]
+            return self.model(ids, torch.arange(ids.size(1), device=self.device))[:, -1]
         finally:
             for c in self._caches:
                 c.row = None
-        self._pos[r] = n
-        self._accept(r, req, self._sample(logits, [req])[0])
 
     def _decode(self) -> None:
         active = [r for r, req in enumerate(self.slots) if req is not None]

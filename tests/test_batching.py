@@ -160,3 +160,18 @@ def test_int8_and_bf16_models_batch_like_alone():
     for model in (quantize_int8(tiny("llama-gqa")), bf16):
         reqs = generate_many(model, prompts, params, max_batch_size=3, max_seq_length=32)
         assert [r.output_ids for r in reqs] == [lone(model, p, q, 32) for p, q in zip(prompts, params)]
+
+
+def test_a_failing_prefill_fails_only_its_request(capsys):
+    model = tiny("llama-gqa")
+    engine = BatchEngine(model, max_batch_size=2, max_seq_length=32)
+    p = SamplingParams(max_tokens=8, temperature=0)
+    good = engine.submit(Request([1, 2, 3], p))
+    engine.step()
+    bad = engine.submit(Request([1, 10**6], p))  # not a token id of this model: the embedding fails
+    engine.run()
+    assert bad.finish_reason == "error" and "IndexError" in bad.error and bad.done.is_set()
+    assert good.finish_reason == "length" and good.output_ids == lone(model, [1, 2, 3], p, 32)
+    assert engine.slots == [None, None] and "IndexError" in capsys.readouterr().err
+    with pytest.raises(LitModelError, match="seed must fit in 64 bits"):
+        engine.submit(Request([1], SamplingParams(seed=2**70)))

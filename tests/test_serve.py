@@ -262,6 +262,7 @@ def test_disconnect_frees_the_slot_and_a_full_server_answers_429(server):
     ({"prompt": "Hi", "n": 2}, "only n=1"),
     ({"prompt": "Hi", "stop": [""]}, "stop strings"),
     ({"prompt": "Hi", "logprobs": 3}, "'logprobs' is not supported"),
+    ({"prompt": "Hi", "seed": 2**70}, "seed must fit in 64 bits"),
     ({"max_tokens": 5}, "prompt"),
     ({"prompt": [100000], "max_tokens": 5}, "token ids must be in"),
 ])
