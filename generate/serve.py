@@ -87,7 +87,8 @@ def main(
                          decode_step=gen.decode_step, max_queue=max_queue)
     print(f"loaded {checkpoint_dir} in {gen.load_seconds:.1f} s ({precision_name(gen.dtype)}"
           f"{', int8' if quantize else ''}, {model_bytes(gen.model) / 1e6:.1f} MB of weights, {gen.device}); "
-          f"{max_batch_size} slots x {engine.max_seq_length} tokens", file=sys.stderr)
+          f"{max_batch_size} slots x {engine.max_seq_length} tokens ({engine.cache_bytes / 1e6:.0f} MB of KV cache)",
+          file=sys.stderr)
     if compile:
         t0 = time.perf_counter()
         engine.warmup()

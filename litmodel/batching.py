@@ -238,6 +238,10 @@ class BatchEngine:
         return request
 
     @property
+    def cache_bytes(self) -> int:
+        return sum(c.k.numel() * c.k.element_size() * 2 for c in self._caches)
+
+    @property
     def num_active(self) -> int:
         return sum(r is not None for r in self.slots)
 
