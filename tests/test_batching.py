@@ -175,3 +175,17 @@ def test_a_failing_prefill_fails_only_its_request(capsys):
     assert engine.slots == [None, None] and "IndexError" in capsys.readouterr().err
     with pytest.raises(LitModelError, match="seed must fit in 64 bits"):
         engine.submit(Request([1], SamplingParams(seed=2**70)))
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_batches_like_alone():
+    """`--compile`: the engine's decode step compiled (one graph per batch bucket) gives the eager tokens."""
+    from litmodel.generate import make_decode_step
+    from litmodel.quantize import optimize_for_decode
+
+    model = optimize_for_decode(tiny("llama-gqa"))
+    prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12]]
+    params = [SamplingParams(max_tokens=6 + 2 * i, temperature=0) for i in range(len(prompts))]
+    step = make_decode_step(model, compile=True)
+    reqs = generate_many(model, prompts, params, max_batch_size=2, max_seq_length=32, decode_step=step)
+    assert [r.output_ids for r in reqs] == [lone(model, p, q, 32) for p, q in zip(prompts, params)]
