@@ -308,10 +308,15 @@ def safetensors_header(steps: list[Step], metadata: dict | None = None) -> bytes
 Chunk = Union[torch.Tensor, tuple[int, int, int]]
 
 
+def _concatenates(fn: Callable) -> bool:
+    """Whether ``fn``'s output bytes are its inputs' bytes in order (rename, cat along dim 0, stack)."""
+    return fn in _BYTE_PRESERVING or getattr(fn, "concat_bytes", False)
+
+
 def _byte_ranges(step: Step, source: TensorSource) -> list[tuple[int, int, int]] | None:
     """The source byte ranges whose concatenation is the output, when the step keeps the bytes as
     they are (a renamed tensor, or fused tensors concatenated along dim 0, in the same dtype)."""
-    if source.kind != "safetensors" or step.fn not in _BYTE_PRESERVING:
+    if source.kind != "safetensors" or not _concatenates(step.fn):
         return None
     infos = [source.infos[n] for n in step.sources]
     if any(i.dtype != step.dtype for i in infos):
@@ -354,13 +359,12 @@ def run_steps(steps: list[Step], source: TensorSource) -> Iterator[list[Chunk]]:
                                     if source.kind == "safetensors" else None)
                      for j, n in enumerate(step.sources)}
         tensors = [cache[n] for n in step.sources]
-        if step.fn is _cat and all(t.dim() >= 1 for t in tensors):
+        if step.fn is not _same and _concatenates(step.fn) and all(t.dim() >= 1 for t in tensors):
             chunks = [cast(j, t) for j, t in enumerate(tensors)]  # cat along dim 0 = the parts' bytes in order
         else:
             chunks = [cast(0, step.fn(*tensors))]
-        shape = (sum(c.shape[0] for c in chunks), *chunks[0].shape[1:]) if chunks[0].dim() else ()
-        if tuple(shape) != step.shape:  # cannot happen: shapes were derived from the same functions
-            raise RuntimeError(f"{step.name}: built shape {tuple(shape)}, planned {step.shape}")
+        if sum(c.numel() for c in chunks) != math.prod(step.shape):  # cannot happen: shapes come from the plan
+            raise RuntimeError(f"{step.name}: built {sum(c.numel() for c in chunks)} elements, planned {step.shape}")
         yield chunks
         del chunks, tensors
 
@@ -441,6 +445,8 @@ def _apply_meta(fn: Callable[..., torch.Tensor], metas: list[torch.Tensor]) -> t
         return tuple(metas[0].shape), metas[0].dtype
     if fn is _cat and len({(tuple(m.shape[1:]), m.dtype) for m in metas}) == 1:
         return (sum(m.shape[0] for m in metas), *metas[0].shape[1:]), metas[0].dtype
+    if hasattr(fn, "out_shape") and len({(tuple(m.shape[1:]), m.dtype) for m in metas}) == 1:
+        return fn.out_shape([tuple(m.shape) for m in metas]), metas[0].dtype
     out = fn(*metas)
     return tuple(out.shape), out.dtype
 

@@ -1,0 +1,272 @@
+"""The newer families (Qwen3, Qwen3-MoE, Mixtral, Phi-3/4, OLMo 2, SmolLM3, Gemma 2/3) against transformers.
+
+Each tiny random HF model has its tricky options on and is converted from both config dialects
+(transformers 5's `rope_parameters`, and the 4.x top-level keys most Hub checkpoints carry, written
+by editing the saved config.json): logits within 1e-5 in fp32, HF -> litmodel -> HF bit-identical,
+KV cache past the sliding window, greedy generation with and without the cache equal to
+transformers' `generate`, and a LoRA step.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from litmodel import build_model
+from litmodel.checkpoint import load_config, load_model
+from litmodel.config import Config
+from litmodel.generate import generate_tokens
+from litmodel.hf import convert_hf_checkpoint, convert_lit_checkpoint
+from litmodel.llama import MoE, router_aux_loss
+from litmodel.lora import apply_lora, lora_modules, mark_only_lora_as_trainable, merge_lora
+from litmodel.utils import LitModelError, num_parameters
+
+transformers = pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 96
+SEQ = 20  # longer than every sliding window below
+ATOL = 1e-5
+
+
+def hf_config(kind: str):
+    t = transformers
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=48, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if kind == "qwen3":  # head_dim independent of hidden / heads, tied head
+        return t.Qwen3Config(**common, head_dim=24, tie_word_embeddings=True)
+    if kind == "qwen3_moe":
+        return t.Qwen3MoeConfig(**common, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                norm_topk_prob=False)
+    if kind == "mixtral":
+        return t.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, sliding_window=7)
+    if kind == "phi3":  # partial rotary and a sliding window (Phi-3-mini's 2047 in small)
+        return t.Phi3Config(**common, partial_rotary_factor=0.5, sliding_window=7)
+    if kind == "phi4-longrope":  # LongRoPE: the long factors switch on past 12 positions
+        return t.Phi3Config(**common, partial_rotary_factor=0.75, tie_word_embeddings=True,
+                            original_max_position_embeddings=12,
+                            rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                             "partial_rotary_factor": 0.75,
+                                             "short_factor": [1.0, 1.1, 1.3, 1.7, 2.0, 2.5],
+                                             "long_factor": [1.5, 2.0, 3.0, 5.0, 8.0, 13.0]})
+    if kind == "olmo2":
+        return t.Olmo2Config(**common)
+    if kind == "smollm3":
+        return t.SmolLM3Config(**{**common, "num_hidden_layers": 3}, no_rope_layers=[1, 0, 1], tie_word_embeddings=True)
+    if kind == "gemma2":
+        return t.Gemma2Config(**common, head_dim=16, query_pre_attn_scalar=20, attn_logit_softcapping=2.0,
+                              final_logit_softcapping=3.0, sliding_window=7)
+    if kind == "gemma3":
+        return t.Gemma3TextConfig(**{**common, "num_hidden_layers": 3}, head_dim=16, query_pre_attn_scalar=20,
+                                  sliding_window=7,
+                                  layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                  rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                                      "rope_theta": 1000000.0},
+                                                   "sliding_attention": {"rope_type": "default",
+                                                                         "rope_theta": 10000.0}})
+    raise ValueError(kind)
+
+
+KINDS = ["qwen3", "qwen3_moe", "mixtral", "phi3", "phi4-longrope", "olmo2", "smollm3", "gemma2", "gemma3"]
+
+
+def make_hf_model(kind: str, seed: int = 0):
+    """A tiny HF model with every weight perturbed (norm weights not 0/1, routers not uniform)."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(kind), attn_implementation="eager").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def to_v4_dialect(hf_dir: Path, out: Path) -> None:
+    """A copy of ``hf_dir`` whose config.json uses transformers 4.x's top-level rope keys."""
+    shutil.copytree(hf_dir, out)
+    cfg = json.loads((out / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    if cfg["model_type"] == "gemma3_text":
+        local, rope = rope["sliding_attention"], rope["full_attention"]
+        cfg["rope_local_base_freq"] = local["rope_theta"]
+        cfg["sliding_window_pattern"] = 2
+        del cfg["layer_types"]
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    rope.pop("partial_rotary_factor", None)
+    cfg["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+    if cfg["model_type"] == "gemma2":
+        del cfg["layer_types"]  # 4.x: even layers slide
+    if cfg["model_type"] == "qwen3_moe":
+        cfg["num_experts"] = cfg.pop("num_local_experts")  # the Hub's 4.x key
+    (out / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def family(request, tmp_path_factory):
+    """(kind, HF model, litmodel model converted from the 5.x config.json, tmp dir)."""
+    kind = request.param
+    tmp = tmp_path_factory.mktemp(kind)
+    hf = make_hf_model(kind)
+    hf.save_pretrained(tmp / "hf")
+    to_v4_dialect(tmp / "hf", tmp / "hf_v4")
+    convert_hf_checkpoint(tmp / "hf", tmp / "lit")
+    return kind, hf, load_model(tmp / "lit"), tmp
+
+
+@torch.no_grad()
+def test_logits_match_transformers_in_both_dialects(family):
+    kind, hf, lit, tmp = family
+    convert_hf_checkpoint(tmp / "hf_v4", tmp / "lit_v4")
+    assert load_config(tmp / "lit_v4") == load_config(tmp / "lit"), kind
+    lit_v4 = load_model(tmp / "lit_v4")
+    idx = torch.randint(0, VOCAB, (2, SEQ))
+    ref = hf(idx).logits
+    for model in (lit, lit_v4):
+        assert (model(idx) - ref).abs().max().item() <= ATOL, kind
+
+
+def test_hf_lit_hf_round_trip_is_bit_identical(family):
+    kind, hf, _, tmp = family
+    convert_lit_checkpoint(tmp / "lit", tmp / "back")
+    src, back = load_file(tmp / "hf" / "model.safetensors"), load_file(tmp / "back" / "model.safetensors")
+    if hf.config.tie_word_embeddings:
+        src.pop("lm_head.weight", None)
+        back.pop("lm_head.weight", None)
+    assert sorted(src) == sorted(back), kind
+    for k in src:
+        assert src[k].dtype == back[k].dtype and torch.equal(src[k], back[k]), k
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp / "back", attn_implementation="eager").eval()
+    idx = torch.randint(0, VOCAB, (1, SEQ))
+    with torch.no_grad():
+        assert torch.equal(reloaded(idx).logits, hf(idx).logits), kind
+
+
+@torch.no_grad()
+def test_kv_cache_past_the_sliding_window(family):
+    kind, hf, lit, _ = family
+    if kind == "phi4-longrope":
+        pytest.skip("LongRoPE changes every position's rotation once the sequence passes the original context")
+    idx = torch.randint(0, VOCAB, (2, SEQ))
+    lit.set_kv_cache(2, SEQ + 3)
+    try:
+        outs, t = [], 0
+        for chunk in (5, 3) + (1,) * (SEQ - 8) + (0,):
+            if chunk:
+                outs.append(lit(idx[:, t: t + chunk], torch.arange(t, t + chunk)))
+            t += chunk
+    finally:
+        lit.clear_kv_cache()
+    assert (torch.cat(outs, dim=1) - hf(idx).logits).abs().max().item() <= ATOL, kind
+
+
+@torch.no_grad()
+def test_greedy_generation_matches_transformers_generate(family):
+    kind, hf, lit, _ = family
+    prompt = torch.randint(3, VOCAB, (1, 6))
+    n_new = 10  # 16 tokens: past the windows and LongRoPE's original context
+    ref = hf.generate(prompt, max_new_tokens=n_new, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 6:]
+    for cache in (True, False):
+        out = torch.stack(list(generate_tokens(lit, prompt, n_new, temperature=0.0, use_kv_cache=cache)))[:, 0]
+        assert out.tolist() == ref.tolist(), (kind, cache)
+
+
+def test_lora_finetune_step(family):
+    kind, _, _, tmp = family
+    model = load_model(tmp / "lit").train()
+    idx = torch.randint(0, VOCAB, (2, 12))
+    before = model(idx).detach()
+    apply_lora(model, targets="query,value,mlp", r=4, alpha=8)
+    mark_only_lora_as_trainable(model)
+    names = list(lora_modules(model))
+    assert any(".attn.qkv" in n for n in names) and any(".mlp.fc" in n for n in names), names
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        logits = model(idx[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), idx[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    after = model(idx).detach()
+    assert not torch.allclose(after, before)
+    merge_lora(model)
+    assert (model(idx).detach() - after).abs().max().item() < 1e-4, kind
+
+
+# ----------------------------------------------------------------------------- mixture of experts
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_router_aux_loss_matches_transformers(kind, tmp_path):
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    hf = make_hf_model(kind)
+    hf.save_pretrained(tmp_path / "hf")
+    convert_hf_checkpoint(tmp_path / "hf", tmp_path / "lit")
+    lit = load_model(tmp_path / "lit").train()
+    idx = torch.randint(0, VOCAB, (2, 16))
+    out = hf(idx, output_router_logits=True)
+    ref = load_balancing_loss_func(out.router_logits, 4, 2)
+    lit(idx)
+    aux = router_aux_loss(lit)
+    assert abs(aux.item() - ref.item()) < 1e-5
+    aux.backward()  # differentiable through the router
+    assert lit.blocks[0].mlp.router.weight.grad.abs().sum() > 0
+    lit.eval()
+    lit(idx)
+    assert router_aux_loss(lit) is None  # not collected outside training
+
+
+def test_grouped_matmul_equals_the_per_expert_loop():
+    """`torch._grouped_mm` (aligned fp32 on CPU) and the per-expert fallback agree, forward and backward."""
+    cfg = Config(model_type="qwen3_moe", n_layer=1, n_head=2, n_embd=32, vocab_size=VOCAB, n_expert=4,
+                 n_expert_per_token=2, moe_intermediate_size=16)
+    moe = MoE(cfg)
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    y = moe(x)
+    y.backward(torch.ones_like(y))  # a broadcast gradient, as `.sum()` gives
+    grads = [x.grad.clone(), moe.fc.weight.grad.clone()]
+    x.grad = moe.fc.weight.grad = None
+    import litmodel.layers as layers
+    orig, layers._grouped_mm_ok = layers._grouped_mm_ok, lambda *a: False
+    try:
+        y2 = moe(x)
+        y2.backward(torch.ones_like(y2))
+    finally:
+        layers._grouped_mm_ok = orig
+    assert torch.allclose(y, y2, atol=1e-6)
+    assert torch.allclose(grads[0], x.grad, atol=1e-6) and torch.allclose(grads[1], moe.fc.weight.grad, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- registry and bad input
+@pytest.mark.parametrize("name, expected", [("Qwen3-0.6B", 596_049_920), ("Qwen3-30B-A3B", 30_532_122_624),
+                                            ("Mixtral-8x7B-v0.1", 46_702_792_704), ("gemma-2-2b", 2_614_341_888),
+                                            ("gemma-3-1b-it", 999_885_952), ("Phi-3-mini-4k-instruct", 3_821_079_552),
+                                            ("OLMo-2-0425-1B", 1_484_916_736), ("SmolLM3-3B", 3_075_098_624)])
+def test_registry_parameter_counts(name, expected):
+    with torch.device("meta"):
+        model = build_model(Config.from_name(name))
+    assert abs(num_parameters(model) - expected) / expected < 1e-3, num_parameters(model)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}},
+     "unsupported rope type 'yarn'"),
+    ({"model_type": "deepseek_v3"}, "unsupported model_type 'deepseek_v3'"),
+])
+def test_unsupported_options_fail_with_one_line_and_no_output(edit, message, tmp_path):
+    make_hf_model("qwen3").save_pretrained(tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg.pop("rope_parameters")
+    cfg.update(edit)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LitModelError, match=message):
+        Config.from_hf_config(cfg)
+    proc = subprocess.run([sys.executable, "scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(tmp_path / "hf"),
+                           "--out_dir", str(tmp_path / "out" / "lit")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0] and "supported" in lines[0], proc.stderr
+    assert not (tmp_path / "out").exists()
