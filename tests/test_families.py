@@ -270,3 +270,68 @@ def test_unsupported_options_fail_with_one_line_and_no_output(edit, message, tmp
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0] and "supported" in lines[0], proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- FSDP
+FSDP_CONFIGS = {
+    "moe": dict(model_type="qwen3_moe", n_layer=2, n_head=4, n_query_groups=2, n_embd=32, head_size=16, vocab_size=VOCAB,
+                intermediate_size=64, n_expert=4, n_expert_per_token=2, moe_intermediate_size=16, qk_norm="head"),
+    "gemma": dict(model_type="gemma3_text", n_layer=2, n_head=4, n_query_groups=2, n_embd=32, head_size=16,
+                  vocab_size=VOCAB, intermediate_size=64, tie_embeddings=True, qk_norm="head", sliding_window=4,
+                  layer_types=["sliding_attention", "full_attention"], rope_local_base=10000.0,
+                  query_pre_attn_scalar=16),
+}
+AUX_COEF = 0.1
+
+
+def fsdp_loss(model, batch):
+    logits = model(batch[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+    aux = router_aux_loss(model)
+    return loss if aux is None else loss + AUX_COEF * aux
+
+
+def fsdp_family_worker(fabric, states: dict, batch: torch.Tensor) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    out = {}
+    half = batch.size(0) // fabric.world_size
+    local = batch[fabric.global_rank * half:(fabric.global_rank + 1) * half]
+    for name, kw in FSDP_CONFIGS.items():
+        model = build_model(Config(**kw))
+        model.load_state_dict(states[name])
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        model, opt = fabric.setup(model, opt)
+        assert type(model.module.blocks[0]).__name__.startswith("FSDP")  # each block is its own FSDP unit
+        loss = fsdp_loss(model, local)
+        fabric.backward(loss)
+        fabric.step(opt)
+        sd = get_model_state_dict(model.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        out[name] = (fabric.all_reduce(loss.detach(), "mean").item(), {k: v.detach().clone() for k, v in sd.items()})
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_fsdp_two_processes_moe_and_gemma_step():
+    """One SGD step on 2 gloo ranks (FSDP2 per block, the MoE with its router aux loss) equals one
+    process stepping on the mean of the two half-batch losses."""
+    from litmodel.fabric import Fabric
+
+    torch.manual_seed(0)
+    batch = torch.randint(0, VOCAB, (4, 9))
+    states, ref = {}, {}
+    for name, kw in FSDP_CONFIGS.items():
+        model = build_model(Config(**kw))
+        model.init_weights()
+        states[name] = {k: v.clone() for k, v in model.state_dict().items()}
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        loss = (fsdp_loss(model, batch[:2]) + fsdp_loss(model, batch[2:])) / 2
+        loss.backward()
+        opt.step()
+        ref[name] = (loss.item(), model.state_dict())
+    res = Fabric(accelerator="cpu", devices=2, strategy="fsdp").launch(fsdp_family_worker, states, batch)
+    for name in FSDP_CONFIGS:
+        assert abs(res[name][0] - ref[name][0]) < 1e-5, name
+        for k, v in res[name][1].items():
+            torch.testing.assert_close(v, ref[name][1][k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name} {k}: {m}")
