@@ -335,3 +335,127 @@ def test_fsdp_two_processes_moe_and_gemma_step():
         assert abs(res[name][0] - ref[name][0]) < 1e-5, name
         for k, v in res[name][1].items():
             torch.testing.assert_close(v, ref[name][1][k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name} {k}: {m}")
+
+
+# ----------------------------------------------------------------------------- chat templates
+QWEN3_TEMPLATE = """{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and message.content is string %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- set content = message.content if message.content is string else '' %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = '' %}
+        {%- if '</think>' in content %}
+            {%- set reasoning_content = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}
+            {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index and (loop.last or reasoning_content) %}
+            {{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\\n' + content }}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}
+{%- endif %}"""
+GEMMA_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- set role = "model" if message['role'] == 'assistant' else message['role'] -%}
+    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else "") }}
+    {{- message['content'] | trim }}
+    {{- '<end_of_turn>\\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{'<start_of_turn>model\\n'}}{%- endif -%}"""
+CHAT_FAMILIES = {
+    "qwen3": (QWEN3_TEMPLATE, ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"],
+              "<|endoftext|>", "<|endoftext|>", dict(model_type="qwen3", qk_norm="head", head_size=16)),
+    "gemma": (GEMMA_TEMPLATE, ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>",
+              dict(model_type="gemma3_text", qk_norm="head", head_size=16, tie_embeddings=True, sliding_window=8,
+                   layer_types=["sliding_attention", "full_attention"], rope_local_base=10000.0)),
+}
+
+
+@pytest.mark.parametrize("kind", list(CHAT_FAMILIES))
+def test_chat_sends_apply_chat_template_tokens(kind, tmp_path, monkeypatch, capsys):
+    """generate/chat.py's prompts are exactly transformers' `apply_chat_template` ids for a Qwen3-style
+    template (thinking blocks stripped from the history) and a Gemma-style one (BOS in the template,
+    system folded into the first user turn, 'model' role)."""
+    import importlib.util
+    import io
+    import os
+
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from litmodel.checkpoint import save_checkpoint_dir
+    from litmodel.tokenizer import Tokenizer
+    from litmodel.utils import cli_main
+
+    template, specials, bos, eos, model_kw = CHAT_FAMILIES[kind]
+    tk = HFTokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(["Hello world! How are you today? Let me think about it. The answer is four."] * 20, trainer)
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=bos, eos_token=eos)
+    hf_tok.chat_template = template
+    hf_tok.save_pretrained(tmp_path / "tok")
+    cfg = Config(name=f"tiny-{kind}", block_size=128, vocab_size=tk.get_vocab_size(), n_layer=2, n_head=4,
+                 n_query_groups=2, n_embd=32, intermediate_size=64, **model_kw)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.init_weights()
+    ckpt = save_checkpoint_dir(tmp_path / "ckpt", model, cfg, tokenizer_dir=tmp_path / "tok")
+
+    def hf_ids(messages, **kw):
+        ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kw)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "input_ids") else ids)
+
+    # a history with a thinking block, rendered by litmodel's tokenizer, with and without enable_thinking
+    lit_tok = Tokenizer(ckpt)
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How are you?"},
+               {"role": "assistant", "content": "<think>\nLet me think.\n</think>\n\nHello world!"},
+               {"role": "user", "content": "The answer?"}]
+    for kw in ({}, {"enable_thinking": False}):
+        assert lit_tok.apply_chat_template(history, add_generation_prompt=True, tokenize=True, **kw) == \
+            hf_ids(history, **kw), kw
+
+    # the chat CLI: two turns, each prompt dumped as sent
+    dump = tmp_path / "dump.jsonl"
+    monkeypatch.setenv("LITMODEL_DUMP_PROMPT_IDS", str(dump))
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello world!\nHow are you today?\n"))
+    spec = importlib.util.spec_from_file_location("_chat_script", ROOT / "generate" / "chat.py")
+    chat = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chat)
+    try:
+        cli_main(chat.setup)(["--checkpoint_dir", str(ckpt), "--system", "Be brief.", "--max_new_tokens", "6",
+                              "--temperature", "0", "--precision", "32-true"])
+    except SystemExit as e:
+        assert not e.code, capsys.readouterr().err
+    turns = [json.loads(line) for line in dump.read_text().splitlines()]
+    assert len(turns) == 2 and turns[1]["messages"][2]["role"] == "assistant"
+    for turn in turns:
+        assert turn["ids"] == hf_ids(turn["messages"])
+    if kind == "gemma":
+        assert turns[0]["ids"].count(tk.token_to_id("<bos>")) == 1 and turns[0]["ids"][0] == tk.token_to_id("<bos>")
