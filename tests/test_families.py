@@ -459,3 +459,59 @@ def test_chat_sends_apply_chat_template_tokens(kind, tmp_path, monkeypatch, caps
         assert turn["ids"] == hf_ids(turn["messages"])
     if kind == "gemma":
         assert turns[0]["ids"].count(tk.token_to_id("<bos>")) == 1 and turns[0]["ids"][0] == tk.token_to_id("<bos>")
+
+
+def test_router_aux_loss_in_the_training_loop(tmp_path):
+    """`--train.router_aux_loss_coef` through `training.fit`: the step equals plain PyTorch on
+    mean next-token loss + coef * aux loss (transformers' formula), and `router_aux` is logged."""
+    import csv
+
+    import torch.nn.functional as F
+
+    from litmodel.fabric import Fabric
+    from litmodel.loggers import CSVLogger
+    from litmodel.training import EvalArgs, TrainArgs, build_optimizer, fit, language_model_loss
+
+    class OneBatch:
+        def __init__(self, batch):
+            self.batch = batch
+
+        def __iter__(self):
+            yield self.batch
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    coef = 0.5
+    cfg = Config(**FSDP_CONFIGS["moe"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.init_weights()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, VOCAB, (1, 13))
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    fabric = Fabric(accelerator="cpu", devices=1, precision="32-true", loggers=[CSVLogger(tmp_path, "logs")])
+    fabric.launch()
+    train = TrainArgs(global_batch_size=1, micro_batch_size=1, lr=0.01, min_lr=0.01, warmup_steps=0,
+                      weight_decay=0.0, max_norm=None, save_interval=None, router_aux_loss_coef=coef)
+    model = fabric.setup(model)
+    optimizer = fabric.setup_optimizers(build_optimizer(model, train))
+    fit(fabric, model, optimizer, OneBatch(batch), train=train, eval=EvalArgs(interval=10, final_validation=False),
+        out_dir=tmp_path, max_steps=1, loss_fn=language_model_loss(train.router_aux_loss_coef))
+
+    ref = build_model(cfg)
+    ref.load_state_dict(initial)
+    opt = torch.optim.AdamW(ref.parameters(), lr=0.01, betas=(0.9, 0.95), weight_decay=0.0)
+    ce = F.cross_entropy(ref(batch["input_ids"])[0], batch["labels"][0])
+    aux = router_aux_loss(ref)
+    (ce + coef * aux).backward()
+    opt.step()
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(model.module.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+    with open(tmp_path / "logs" / "metrics.csv") as f:
+        row = next(r for r in csv.DictReader(f) if r.get("router_aux"))
+    assert float(row["router_aux"]) == pytest.approx(aux.item(), rel=1e-5)
+    assert float(row["loss"]) == pytest.approx((ce + coef * aux).item(), rel=1e-5)
