@@ -140,6 +140,7 @@ class Config:
         """Derive a config from a Hub ``config.json`` (transformers 4.x and 5.x dialects)."""
         if not isinstance(hf, dict):
             hf = json.loads(Path(hf).read_text())
+        hf = hf_text_config(hf)
         model_type = hf.get("model_type")
         if model_type not in HF_MODEL_TYPES:
             raise LitModelError(
@@ -301,6 +302,25 @@ class Config:
 
     def replace(self, **changes: Any) -> "Config":
         return replace(self, **changes)
+
+
+# transformers' Gemma3TextConfig defaults: multimodal Gemma 3 checkpoints (4b, 12b, 27b) leave these out of text_config
+_GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                             num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131072,
+                             rms_norm_eps=1e-6, query_pre_attn_scalar=256, sliding_window=4096, rope_theta=1000000.0,
+                             rope_local_base_freq=10000.0, hidden_activation="gelu_pytorch_tanh")
+
+
+def hf_text_config(hf: dict) -> dict:
+    """The language model's part of a multimodal Gemma 3 ``config.json`` (its ``text_config``, with the
+    defaults it leaves out); any other config as it is. litmodel converts the text model only."""
+    if hf.get("model_type") != "gemma3" or not isinstance(hf.get("text_config"), dict):
+        return hf
+    text = {**_GEMMA3_TEXT_DEFAULTS, **hf["text_config"], "model_type": "gemma3_text"}
+    text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", True))
+    if "_name_or_path" in hf:
+        text["_name_or_path"] = hf["_name_or_path"]
+    return text
 
 
 def _rope_scaling_from_hf(rope: dict, hf: dict, model_type: str) -> dict | None:

@@ -198,8 +198,15 @@ def hf_aliases(name: str) -> list[str]:
         return [name, name[len("transformer."):]]
     if name == "embed_out.weight":
         return [name, "lm_head.weight"]
+    if name.startswith("model."):  # multimodal Gemma 3: the language model, as 4.x and 5.x save it
+        return [name, "language_model." + name, "model.language_model." + name[len("model."):]]
+    if name == "lm_head.weight":
+        return [name, "language_model.lm_head.weight"]
     return [name]
 
+
+# The vision tower of multimodal Gemma 3 checkpoints, which a text-only conversion leaves out.
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
 # Buffers some HF checkpoints carry that are not weights (recomputed by the model).
 IGNORED_HF_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq", ".attention.bias",

@@ -31,8 +31,8 @@ from typing import Callable, Iterable, Iterator, Union
 import torch
 
 from litmodel.checkpoint import CONFIG_FILE, MODEL_FILE, SAFETENSORS_DTYPES, load_config, read_safetensors_header
-from litmodel.config import HF_MODEL_TYPES, Config, name_to_config
-from litmodel.convert import IGNORED_HF_SUFFIXES, hf_aliases, hf_to_lit_plan, lit_to_hf_plan
+from litmodel.config import HF_MODEL_TYPES, Config, hf_text_config, name_to_config
+from litmodel.convert import IGNORED_HF_SUFFIXES, VISION_PREFIXES, hf_aliases, hf_to_lit_plan, lit_to_hf_plan
 from litmodel.convert import _cat, _same  # the plans' layout-preserving functions
 from litmodel.utils import LitModelError, parse_dtype, skip_weight_init
 
@@ -255,6 +255,7 @@ def read_hf_config(hf_dir: Path) -> dict:
         raise LitModelError(f"{hf_dir / HF_CONFIG} is not valid JSON ({err}); re-download it") from None
     if not isinstance(hf, dict):
         raise LitModelError(f"{hf_dir / HF_CONFIG} is not a JSON object; re-download it")
+    hf = hf_text_config(hf)  # a multimodal Gemma 3: its language model
     if hf.get("model_type") not in HF_MODEL_TYPES:
         raise LitModelError(f"unsupported model_type {hf.get('model_type')!r} in {hf_dir / HF_CONFIG}; "
                             f"supported: {', '.join(HF_MODEL_TYPES)}")
@@ -483,13 +484,15 @@ def hf_to_lit_steps(config: Config, source: TensorSource, dtype: torch.dtype | N
             raise LitModelError(f"{source.description}: tensor {name!r} has shape {have} but config.json needs "
                                 f"{want}; the weights do not match config.json")
         stored[hf_name] = name
-    head_names = {"lm_head.weight", "embed_out.weight"}
+    head_names = {"lm_head.weight", "embed_out.weight", "language_model.lm_head.weight"}
     used = set(stored.values())
     for name in source.names():
         if name in used or name.endswith(IGNORED_HF_SUFFIXES):
             continue
         if config.tie_embeddings and name in head_names:
             continue  # a tied head stored anyway: the embedding is used
+        if config.model_type == "gemma3_text" and name.startswith(VISION_PREFIXES):
+            continue  # a multimodal Gemma 3: litmodel takes the language model only
         raise LitModelError(f"{source.description}: unexpected tensor {name!r} (shape {source.infos[name].shape}); "
                             "the weights do not match config.json")
     return _plan_steps(hf_to_lit_plan(config), stored, source, lit_shapes, dtype)

@@ -515,3 +515,30 @@ def test_router_aux_loss_in_the_training_loop(tmp_path):
         row = next(r for r in csv.DictReader(f) if r.get("router_aux"))
     assert float(row["router_aux"]) == pytest.approx(aux.item(), rel=1e-5)
     assert float(row["loss"]) == pytest.approx((ce + coef * aux).item(), rel=1e-5)
+
+
+@torch.no_grad()
+def test_multimodal_gemma3_checkpoint_converts_its_language_model(tmp_path):
+    """Gemma 3 4b/12b/27b on the Hub are Gemma3ForConditionalGeneration: config.json nests the text model in
+    `text_config` (defaults left out) and the weights sit under `language_model.model.` beside a vision
+    tower. The conversion takes the language model and leaves the vision tower out."""
+    from safetensors.torch import save_file
+
+    hf = make_hf_model("gemma3")
+    hf.save_pretrained(tmp_path / "text")
+    text_cfg = json.loads((tmp_path / "text" / "config.json").read_text())
+    text_cfg.pop("rms_norm_eps")  # a default, which Hub configs leave out
+    (tmp_path / "mm").mkdir()
+    (tmp_path / "mm" / "config.json").write_text(json.dumps(
+        {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"], "text_config": text_cfg,
+         "vision_config": {"model_type": "siglip_vision_model"}}))
+    sd = {("language_model." + k if k.startswith("model.") else k): v
+          for k, v in load_file(tmp_path / "text" / "model.safetensors").items()}
+    sd["vision_tower.vision_model.embeddings.patch_embedding.weight"] = torch.zeros(4, 3, 2, 2)
+    sd["multi_modal_projector.mm_input_projection_weight"] = torch.zeros(4, 64)
+    save_file(sd, tmp_path / "mm" / "model.safetensors")
+    convert_hf_checkpoint(tmp_path / "mm", tmp_path / "lit")
+    lit = load_model(tmp_path / "lit")
+    assert lit.config.model_type == "gemma3_text" and lit.config.norm_eps == 1e-6
+    idx = torch.randint(0, VOCAB, (1, SEQ))
+    assert (lit(idx) - hf(idx).logits).abs().max().item() <= ATOL
