@@ -182,13 +182,20 @@ class Config:
                        rope_base=rope_theta)
         n_layer = hf["num_hidden_layers"]
         sliding_window = hf.get("sliding_window")
-        if model_type in ("qwen2", "qwen3", "qwen3_moe", "smollm3") and not hf.get("use_sliding_window", False):
-            sliding_window = None
+        kw: dict[str, Any] = {}
+        if model_type in ("qwen2", "qwen3", "qwen3_moe", "smollm3"):
+            if not hf.get("use_sliding_window", False):
+                sliding_window = None
+            elif sliding_window is not None:  # 4.x: the layers from max_window_layers on (SmolLM3: the NoPE ones) slide
+                flags = hf.get("no_rope_layers") or []
+                kw["layer_types"] = hf.get("layer_types") or [
+                    "sliding_attention" if (i >= hf.get("max_window_layers", 28) if model_type != "smollm3" else
+                                            (i < len(flags) and not flags[i])) else "full_attention"
+                    for i in range(n_layer)]
         act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
         if act != ("gelu_pytorch_tanh" if model_type in GEMMA_TYPES else "silu"):
             raise LitModelError(f"unsupported activation {act!r} for {model_type}; supported: "
                                 f"{'gelu_pytorch_tanh' if model_type in GEMMA_TYPES else 'silu'}")
-        kw: dict[str, Any] = {}
         if model_type in ("qwen3", "qwen3_moe", "gemma3_text"):
             kw["qk_norm"] = "head"
         if model_type == "olmo2":
@@ -267,8 +274,10 @@ class Config:
         elif self.model_type in ("mistral", "mixtral", "phi3"):
             hf["sliding_window"] = self.sliding_window
         elif self.model_type in ("qwen2", "qwen3", "qwen3_moe", "smollm3"):
+            sliding = [self.layer_window(i) is not None for i in range(self.n_layer)]
             hf.update(use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window,
-                      max_window_layers=self.n_layer)
+                      max_window_layers=sliding.index(True) if any(sliding) else self.n_layer,
+                      layer_types=["sliding_attention" if s else "full_attention" for s in sliding])
         if self.model_type in ("qwen3", "qwen3_moe", "olmo2", "smollm3"):
             hf["attention_bias"] = self.attn_bias
         if self.model_type in ("phi3", "olmo2", "smollm3"):

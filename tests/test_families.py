@@ -47,8 +47,9 @@ def hf_config(kind: str):
     t = transformers
     common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=48, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if kind == "qwen3":  # head_dim independent of hidden / heads, tied head
-        return t.Qwen3Config(**common, head_dim=24, tie_word_embeddings=True)
+    if kind == "qwen3":  # head_dim independent of hidden / heads, tied head, a window from layer 1 on
+        return t.Qwen3Config(**common, head_dim=24, tie_word_embeddings=True, use_sliding_window=True,
+                             sliding_window=7, max_window_layers=1)
     if kind == "qwen3_moe":
         return t.Qwen3MoeConfig(**common, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                 norm_topk_prob=False)
@@ -107,8 +108,8 @@ def to_v4_dialect(hf_dir: Path, out: Path) -> None:
     cfg["rope_theta"] = rope.pop("rope_theta")
     rope.pop("partial_rotary_factor", None)
     cfg["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
-    if cfg["model_type"] == "gemma2":
-        del cfg["layer_types"]  # 4.x: even layers slide
+    if cfg["model_type"] in ("gemma2", "qwen3"):
+        del cfg["layer_types"]  # 4.x: Gemma 2's even layers slide; Qwen3's from max_window_layers on
     if cfg["model_type"] == "qwen3_moe":
         cfg["num_experts"] = cfg.pop("num_local_experts")  # the Hub's 4.x key
     (out / "config.json").write_text(json.dumps(cfg))
