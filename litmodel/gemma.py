@@ -17,11 +17,12 @@ import torch
 import torch.nn as nn
 
 from litmodel.config import Config
-from litmodel.layers import CausalSelfAttention, RMSNorm, build_mask, init_gpt2_style, rope_cos_sin, rope_inv_freq
+from litmodel.layers import (CausalSelfAttention, KVCacheMixin, RMSNorm, build_mask, init_gpt2_style, rope_cos_sin,
+                             rope_inv_freq)
 from litmodel.llama import SwiGLU
 
 
-class Gemma(nn.Module):
+class Gemma(KVCacheMixin, nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config
@@ -56,20 +57,6 @@ class Gemma(nn.Module):
         if c.final_softcap is not None:
             logits = torch.tanh(logits / c.final_softcap) * c.final_softcap
         return logits
-
-    def set_kv_cache(self, batch_size: int, max_seq_length: int | None = None, device=None, dtype=None) -> None:
-        """Allocate a static KV cache in every block (default length: the model's block_size). Sliding-window
-        layers keep every position too; the mask hides the keys that fell out of their window."""
-        self.cache_len = max_seq_length or self.config.block_size
-        device = device or self.lm_head.weight.device
-        dtype = dtype or self.lm_head.weight.dtype
-        for block in self.blocks:
-            block.attn.set_kv_cache(batch_size, self.cache_len, device, dtype)
-
-    def clear_kv_cache(self) -> None:
-        self.cache_len = None
-        for block in self.blocks:
-            block.attn.kv_cache = None
 
     def init_weights(self) -> None:
         init_gpt2_style(self, self.config.n_layer)  # the (1 + w) norms start at w = 0

@@ -77,6 +77,25 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+class KVCacheMixin:
+    """``set_kv_cache`` / ``clear_kv_cache`` of a model with ``config``, ``lm_head`` and ``blocks`` whose
+    ``attn`` is a `CausalSelfAttention`. Sliding-window layers keep every position too: their mask
+    hides the keys that left the window."""
+
+    def set_kv_cache(self, batch_size: int, max_seq_length: int | None = None, device=None, dtype=None) -> None:
+        """Allocate a static KV cache in every block (default length: the model's block_size)."""
+        self.cache_len = max_seq_length or self.config.block_size
+        device = device or self.lm_head.weight.device
+        dtype = dtype or self.lm_head.weight.dtype
+        for block in self.blocks:
+            block.attn.set_kv_cache(batch_size, self.cache_len, device, dtype)
+
+    def clear_kv_cache(self) -> None:
+        self.cache_len = None
+        for block in self.blocks:
+            block.attn.kv_cache = None
+
+
 def build_mask(T: int, input_pos: torch.Tensor | None, cache_len: int | None, sliding_window: int | None,
                mask: torch.Tensor | None, device) -> torch.Tensor | None:
     """The boolean attention mask (True = attend), or None when plain causal attention suffices.
