@@ -141,7 +141,8 @@ def main() -> None:
         print(f"| {kind} | {'litmodel' if impl == 'lit' else 'transformers'} | {med[n][0]:.2f} | "
               f"{tokens / med[n][0]:.0f} | {med[n][1]:.1f} |")
     for impl in ("lit", "hf"):
-        print(f"{impl}: MoE step / dense step = {med[f'{impl}-moe'][0] / med[f'{impl}-dense'][0]:.2f}x (target <= 1.5x)")
+        ratio = med[f"{impl}-moe"][0] / med[f"{impl}-dense"][0]
+        print(f"{impl}: MoE step / dense step = {ratio:.2f}x (target <= 1.5x)")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ ROPE_TYPES = ("default", "llama3", "linear", "longrope")
 class Config:
     name: str = "custom"
     hf_repo_id: str | None = None
-    # gpt2 | gpt_neox -> litmodel.gpt.GPT ; gemma2 | gemma3_text -> litmodel.gemma.Gemma ; the rest -> litmodel.llama.Llama
+    # gpt2 | gpt_neox -> litmodel.gpt.GPT ; gemma2 | gemma3_text -> litmodel.gemma.Gemma ;
+    # the rest (llama, mistral, qwen2, qwen3, qwen3_moe, mixtral, phi3, olmo2, smollm3) -> litmodel.llama.Llama
     model_type: str = "llama"
     block_size: int = 2048  # longest sequence the model supports
     vocab_size: int = 32000  # the tokenizer's vocabulary
@@ -83,7 +84,8 @@ class Config:
         if self.n_head % self.n_query_groups:
             raise LitModelError(f"n_head ({self.n_head}) must be a multiple of n_query_groups ({self.n_query_groups})")
         if self.n_expert and not 0 < self.n_expert_per_token <= self.n_expert:
-            raise LitModelError(f"n_expert_per_token ({self.n_expert_per_token}) must be in 1..n_expert ({self.n_expert})")
+            raise LitModelError(f"n_expert_per_token ({self.n_expert_per_token}) must be in 1..n_expert "
+                                f"({self.n_expert})")
         if self.qk_norm not in (None, "head", "full"):
             raise LitModelError(f"unsupported qk_norm {self.qk_norm!r}; supported: head, full, or null")
         if self.layer_types is not None and len(self.layer_types) != self.n_layer:
@@ -423,9 +425,10 @@ configs.append(dict(_mistral, model_type="mistral", name="Mistral-7B-Instruct-v0
 # Qwen3: per-head q/k RMSNorm, head_dim 128 whatever the width; the MoE models route to 8 of 128 experts
 _qwen3 = dict(model_type="qwen3", block_size=40960, vocab_size=151936, head_size=128, norm_eps=1e-6,
               rope_base=1000000.0, qk_norm="head")
-for _size, _l, _h, _g, _e, _i, _tied in [("0.6B", 28, 16, 8, 1024, 3072, True), ("1.7B", 28, 16, 8, 2048, 6144, True),
-                                         ("4B", 36, 32, 8, 2560, 9728, True), ("8B", 36, 32, 8, 4096, 12288, False),
-                                         ("14B", 40, 40, 8, 5120, 17408, False), ("32B", 64, 64, 8, 5120, 25600, False)]:
+for _size, _l, _h, _g, _e, _i, _tied in [
+        ("0.6B", 28, 16, 8, 1024, 3072, True), ("1.7B", 28, 16, 8, 2048, 6144, True), ("4B", 36, 32, 8, 2560, 9728, True),
+        ("8B", 36, 32, 8, 4096, 12288, False), ("14B", 40, 40, 8, 5120, 17408, False),
+        ("32B", 64, 64, 8, 5120, 25600, False)]:
     for _suffix in ("", "-Base") if _size != "32B" else ("",):
         configs.append(dict(_qwen3, name=f"Qwen3-{_size}{_suffix}", hf_repo_id=f"Qwen/Qwen3-{_size}{_suffix}",
                             n_layer=_l, n_head=_h, n_query_groups=_g, n_embd=_e, intermediate_size=_i,
@@ -433,7 +436,8 @@ for _size, _l, _h, _g, _e, _i, _tied in [("0.6B", 28, 16, 8, 1024, 3072, True), 
 for _name, _l, _h, _e, _i, _mi in [("Qwen3-30B-A3B", 48, 32, 2048, 6144, 768),
                                    ("Qwen3-235B-A22B", 94, 64, 4096, 12288, 1536)]:
     for _suffix in ("", "-Base"):
-        configs.append(dict(_qwen3, model_type="qwen3_moe", name=f"{_name}{_suffix}", hf_repo_id=f"Qwen/{_name}{_suffix}",
+        configs.append(dict(_qwen3, model_type="qwen3_moe", name=f"{_name}{_suffix}",
+                            hf_repo_id=f"Qwen/{_name}{_suffix}",
                             n_layer=_l, n_head=_h, n_query_groups=4, n_embd=_e, intermediate_size=_i, n_expert=128,
                             n_expert_per_token=8, moe_intermediate_size=_mi, norm_topk_prob=True))
 for _suffix in ("", "-Instruct"):
@@ -442,9 +446,11 @@ for _suffix in ("", "-Instruct"):
                         n_expert_per_token=2))
 # Gemma 2: soft-capping, sliding window on even layers; Gemma 3 (text): q/k norms, 5 local layers per global one
 _gemma2 = dict(model_type="gemma2", block_size=8192, vocab_size=256000, head_size=256, norm_eps=1e-6,
-               tie_embeddings=True, sliding_window=4096, attn_softcap=50.0, final_softcap=30.0, query_pre_attn_scalar=256)
-for _size, _l, _h, _g, _e, _i, _kw in [("2b", 26, 8, 4, 2304, 9216, {}), ("9b", 42, 16, 8, 3584, 14336, {}),
-                                       ("27b", 46, 32, 16, 4608, 36864, dict(head_size=128, query_pre_attn_scalar=144))]:
+               tie_embeddings=True, sliding_window=4096, attn_softcap=50.0, final_softcap=30.0,
+               query_pre_attn_scalar=256)
+for _size, _l, _h, _g, _e, _i, _kw in [
+        ("2b", 26, 8, 4, 2304, 9216, {}), ("9b", 42, 16, 8, 3584, 14336, {}),
+        ("27b", 46, 32, 16, 4608, 36864, dict(head_size=128, query_pre_attn_scalar=144))]:
     for _suffix in ("", "-it"):
         configs.append(dict(_gemma2, name=f"gemma-2-{_size}{_suffix}", hf_repo_id=f"google/gemma-2-{_size}{_suffix}",
                             n_layer=_l, n_head=_h, n_query_groups=_g, n_embd=_e, intermediate_size=_i,
@@ -480,7 +486,8 @@ for _name, _l, _h, _e, _i in [("OLMo-2-0425-1B", 16, 16, 2048, 8192), ("OLMo-2-1
                             n_head=_h, n_embd=_e, intermediate_size=_i))
 # SmolLM3: every 4th layer without rotary embedding (NoPE)
 for _suffix in ("", "-Base"):
-    configs.append(dict(model_type="smollm3", name=f"SmolLM3-3B{_suffix}", hf_repo_id=f"HuggingFaceTB/SmolLM3-3B{_suffix}",
+    configs.append(dict(model_type="smollm3", name=f"SmolLM3-3B{_suffix}",
+                        hf_repo_id=f"HuggingFaceTB/SmolLM3-3B{_suffix}",
                         block_size=65536, vocab_size=128256, n_layer=36, n_head=16, n_query_groups=4, n_embd=2048,
                         intermediate_size=11008, norm_eps=1e-6, rope_base=5000000.0, tie_embeddings=True,
                         nope_layers=list(range(3, 36, 4))))

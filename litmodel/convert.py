@@ -93,7 +93,8 @@ def _layer_map(config: Config) -> tuple[dict[str, str], dict[str, tuple[str, ...
         single.update({"self_attn.o_proj.bias": "attn.proj.bias", "mlp.down_proj.bias": "mlp.proj.bias"})
         fused["mlp.fc.bias"] = ("mlp.gate_proj.bias", "mlp.up_proj.bias")
     if config.qk_norm:
-        single.update({"self_attn.q_norm.weight": "attn.q_norm.weight", "self_attn.k_norm.weight": "attn.k_norm.weight"})
+        single.update({"self_attn.q_norm.weight": "attn.q_norm.weight",
+                       "self_attn.k_norm.weight": "attn.k_norm.weight"})
     if config.model_type == "phi3":  # stored fused, in litmodel's own row order
         single.update({"self_attn.qkv_proj.weight": "attn.qkv.weight", "mlp.gate_up_proj.weight": "mlp.fc.weight"})
         del fused["attn.qkv.weight"], fused["mlp.fc.weight"]

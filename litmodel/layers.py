@@ -197,7 +197,8 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(n_head * head_size, n_embd, bias=proj_bias)
         self.qk_norm, self.scale, self.softcap = qk_norm, scale, softcap
         if qk_norm is not None:
-            q_size, k_size = (head_size, head_size) if qk_norm == "head" else (n_head * head_size, n_kv_heads * head_size)
+            per_head = qk_norm == "head"
+            q_size, k_size = (head_size, head_size) if per_head else (n_head * head_size, n_kv_heads * head_size)
             self.q_norm = RMSNorm(q_size, norm_eps, norm_offset)
             self.k_norm = RMSNorm(k_size, norm_eps, norm_offset)
         self.kv_cache: KVCache | None = None

@@ -139,7 +139,8 @@ class MoE(nn.Module):
 
     def __init__(self, config: Config) -> None:
         super().__init__()
-        self.n_expert, self.top_k, self.norm_topk_prob = config.n_expert, config.n_expert_per_token, config.norm_topk_prob
+        self.n_expert, self.top_k = config.n_expert, config.n_expert_per_token
+        self.norm_topk_prob = config.norm_topk_prob
         self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
         self.fc = GroupedLinear(config.n_expert, config.n_embd, 2 * config.moe_intermediate_size)
         self.proj = GroupedLinear(config.n_expert, config.moe_intermediate_size, config.n_embd)

@@ -286,8 +286,8 @@ def test_unsupported_options_fail_with_one_line_and_no_output(edit, message, tmp
 
 # ----------------------------------------------------------------------------- FSDP
 FSDP_CONFIGS = {
-    "moe": dict(model_type="qwen3_moe", n_layer=2, n_head=4, n_query_groups=2, n_embd=32, head_size=16, vocab_size=VOCAB,
-                intermediate_size=64, n_expert=4, n_expert_per_token=2, moe_intermediate_size=16, qk_norm="head"),
+    "moe": dict(model_type="qwen3_moe", n_layer=2, n_head=4, n_query_groups=2, n_embd=32, head_size=16,
+                vocab_size=VOCAB, intermediate_size=64, n_expert=4, n_expert_per_token=2, moe_intermediate_size=16, qk_norm="head"),
     "gemma": dict(model_type="gemma3_text", n_layer=2, n_head=4, n_query_groups=2, n_embd=32, head_size=16,
                   vocab_size=VOCAB, intermediate_size=64, tie_embeddings=True, qk_norm="head", sliding_window=4,
                   layer_types=["sliding_attention", "full_attention"], rope_local_base=10000.0,
@@ -414,7 +414,6 @@ def test_chat_sends_apply_chat_template_tokens(kind, tmp_path, monkeypatch, caps
     system folded into the first user turn, 'model' role)."""
     import importlib.util
     import io
-    import os
 
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
