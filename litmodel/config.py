@@ -1,4 +1,4 @@
-"""Model configuration: one dataclass for both families, a registry of named Hub models,
+"""Model configuration: one dataclass for every family, a registry of named Hub models,
 and translation to and from Hugging Face ``config.json``."""
 
 from __future__ import annotations
