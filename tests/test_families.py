@@ -23,7 +23,8 @@ from litmodel.config import Config
 from litmodel.generate import generate_tokens
 from litmodel.hf import convert_hf_checkpoint, convert_lit_checkpoint
 from litmodel.llama import MoE, router_aux_loss
-from litmodel.lora import apply_lora, lora_modules, mark_only_lora_as_trainable, merge_lora
+from litmodel.lora import (LoRAConfig, apply_lora, load_lora, lora_modules, mark_only_lora_as_trainable,
+                           merge_lora, save_lora)
 from litmodel.utils import LitModelError, num_parameters
 
 transformers = pytest.importorskip("transformers")
@@ -202,6 +203,9 @@ def test_lora_finetune_step(family):
         opt.zero_grad()
     after = model(idx).detach()
     assert not torch.allclose(after, before)
+    save_lora(tmp / f"lora-{kind}", model, LoRAConfig(r=4, alpha=8, targets=("query", "value", "mlp")))
+    reloaded = load_lora(load_model(tmp / "lit").train(), tmp / f"lora-{kind}")
+    assert torch.equal(reloaded(idx), after)  # adapters (per-expert ones too) saved and loaded exactly
     merge_lora(model)
     assert (model(idx).detach() - after).abs().max().item() < 1e-4, kind
 
