@@ -43,8 +43,8 @@ from litmodel.lora import (LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, LoRAConfig, appl
                            mark_only_lora_as_trainable, merge_lora)
 from litmodel.plot import write_loss_plot
 from litmodel.sharded_checkpoint import fill_from_checkpoint
-from litmodel.training import (EvalArgs, TrainArgs, accumulation_steps, build_optimizer, fit, resolve_precision,
-                               resolve_resume, save_final_checkpoint)
+from litmodel.training import (EvalArgs, TrainArgs, accumulation_steps, build_optimizer, fit, language_model_loss,
+                               resolve_precision, resolve_resume, save_final_checkpoint)
 from litmodel.utils import LitModelError, atomic_dir
 
 QUANTIZE_MODES = ("bnb.nf4",)
@@ -352,6 +352,7 @@ def main(fabric: Fabric, spec: RunSpec) -> None:
     seq_len = data.max_seq_length if data.packed else _mean_length(data)
     fit(fabric, model, optimizer, train_loader, train=train, eval=spec.eval, out_dir=out_dir, max_steps=max_steps,
         schedule_steps=schedule_steps, val_loader=val_loader, evaluators=evaluators, state=state,
+        loss_fn=language_model_loss(train.router_aux_loss_coef),
         resume_from=resume_from, save_fn=save_fn, load_fn=load_fn,
         flops_per_token=train_flops_per_token(model, config, seq_len))
 

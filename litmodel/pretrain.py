@@ -21,8 +21,8 @@ from litmodel.fabric import Fabric
 from litmodel.loggers import CSVLogger, TensorBoardLogger
 from litmodel.plot import write_loss_plot
 from litmodel.flops import train_flops_per_token
-from litmodel.training import (EvalArgs, TrainArgs, accumulation_steps, build_optimizer, fit, resolve_precision,
-                               resolve_resume, save_final_checkpoint)
+from litmodel.training import (EvalArgs, TrainArgs, accumulation_steps, build_optimizer, fit, language_model_loss,
+                               resolve_precision, resolve_resume, save_final_checkpoint)
 from litmodel.utils import LitModelError
 
 
@@ -110,7 +110,7 @@ def main(fabric: Fabric, model_name: str | None, model_config: Config | None, ou
     # 3. the loop (litmodel/training.py): next-token loss per target token; resumes weights, optimizer,
     #    counters, RNG and the exact data position from resume_from
     fit(fabric, model, optimizer, train_loader, train=train, eval=eval, out_dir=out_dir, max_steps=max_steps,
-        val_loader=val_loader, resume_from=resume_from,
+        val_loader=val_loader, resume_from=resume_from, loss_fn=language_model_loss(train.router_aux_loss_coef),
         flops_per_token=train_flops_per_token(model, config, block_size))
     fabric.print(f"(a uniform guess scores ln(vocab) = {math.log(config.vocab_size):.2f})")
 
