@@ -283,12 +283,12 @@ def expand_tasks(manager, tasks: Sequence[str]) -> list[str]:
     return out
 
 
-def run_tasks(lm: LitLM, tasks: Sequence[str], manager=None, num_fewshot: int | None = None,
+def run_tasks(lm, tasks: Sequence[str], manager=None, num_fewshot: int | None = None,
               limit: int | float | None = None, include_path: str | Path | None = None,
               apply_chat_template: bool = False, fewshot_as_multiturn: bool | None = None,
               seed: int | None = None, log_samples: bool = False, bootstrap_iters: int = 100_000,
               verbose: bool = True) -> dict[str, Any]:
-    """Run lm-eval's tasks on ``lm`` and return its results dict (``results``, ``configs``, ``n-shot``, ...;
+    """Run lm-eval's tasks on ``lm`` (a `LitLM`, or any lm-eval `LM`) and return its results dict (``results``, ``configs``, ``n-shot``, ...;
     ``samples`` when ``log_samples``). ``seed`` sets python, numpy, torch and few-shot seeds (default:
     lm-eval's 0/1234/1234/1234). ``fewshot_as_multiturn`` defaults to ``apply_chat_template``, as lm-eval's CLI."""
     check_limit(limit)
@@ -306,8 +306,9 @@ def run_tasks(lm: LitLM, tasks: Sequence[str], manager=None, num_fewshot: int | 
             numpy_random_seed=seeds[1], torch_random_seed=seeds[2], fewshot_random_seed=seeds[3])
     finally:
         logging.getLogger("lm_eval").setLevel(level)
-    results["config"]["model"] = lm.name
-    results["config"]["batch_size"] = lm.batch_size
+    if isinstance(lm, LitLM):
+        results["config"]["model"] = lm.name
+        results["config"]["batch_size"] = lm.batch_size
     return results
 
 
