@@ -19,7 +19,7 @@ import difflib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -318,12 +318,60 @@ def check_limit(limit: int | float | None) -> None:
 
 
 def headline_metrics(results: dict[str, Any]) -> dict[str, float]:
-    """``{"task/metric": value}`` for every numeric metric of every task (stderr left out): what a training
-    loop logs."""
+    """``{"task/metric": value}`` for every numeric metric of every task (stderr left out; a filter other than
+    "none" is appended, e.g. ``gsm8k/exact_match_strict-match``): what a training loop logs."""
     flat = {}
     for task, metrics in results.get("results", {}).items():
         for key, value in metrics.items():
             if key == "alias" or "_stderr" in key or not isinstance(value, (int, float)):
                 continue
-            flat[f"{task}/{key.split(',')[0]}"] = float(value)
+            metric, _, filt = key.partition(",")
+            flat[f"{task}/{metric if filt in ('', 'none') else f'{metric}_{filt}'}"] = float(value)
     return flat
+
+
+def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
+    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
+    if not names:
+        raise LitModelError(f"--tasks {tasks!r} names no task; pass comma-separated names such as arc_easy,piqa")
+    return names
+
+
+def check_tasks(tasks: str | Sequence[str], limit: int | float | None = None,
+                include_path: str | Path | None = None) -> list[str]:
+    """The task names, after the checks a recipe runs before it starts any process: a name lm-eval does not
+    know (with the close matches) or ``limit <= 0`` is a one-line `LitModelError`."""
+    names = parse_tasks(tasks)
+    check_limit(limit)
+    task_manager(names, include_path)
+    return names
+
+
+def harness_evaluator(tasks: str | Sequence[str], tokenizer, limit: int | float | None = 100,
+                      include_path: str | Path | None = None, max_length: int | None = None, batch_size: int = 4,
+                      num_fewshot: int | None = None) -> Callable[..., dict[str, float]]:
+    """An evaluator for `litmodel.training.fit`: runs the harness ``tasks`` (``limit`` examples each) on the
+    model being trained and returns ``{"task/metric": value}``, which the loop logs next to the val loss.
+
+    Task names are checked here, before training starts. Under FSDP every rank runs the requests (each
+    forward gathers the shards); otherwise only rank 0 does, on the unwrapped module (no DDP collectives).
+    """
+    names = parse_tasks(tasks)
+    check_limit(limit)
+    limit = int(limit) if limit is not None and limit >= 1 else limit
+    manager = task_manager(names, include_path)
+
+    def evaluate(fabric, model, step: int) -> dict[str, float]:
+        if not (fabric.strategy == "fsdp" or fabric.is_global_zero):
+            return {}
+        module = getattr(model, "module", model)
+        lm = LitLM(module, tokenizer, batch_size=batch_size, max_length=max_length, progress=False)
+        try:
+            with fabric.autocast():
+                results = run_tasks(lm, names, manager, num_fewshot=num_fewshot, limit=limit, bootstrap_iters=0,
+                                    verbose=False)
+        finally:
+            module.clear_kv_cache()
+        return headline_metrics(results) if fabric.is_global_zero else {}
+
+    return evaluate

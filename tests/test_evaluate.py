@@ -386,3 +386,37 @@ def test_cli_bad_input_one_line_nothing_written(env, tmp_path, capsys, monkeypat
     code, _, err = call([*base, "--tasks", "tiny_mc"], capsys)
     assert code == 1 and 'pip install -e ".[eval]"' in err and err.count("\n") == 1
     assert not out.exists()
+
+
+# ---- evals during training ---------------------------------------------------------------------------------
+def test_finetuning_logs_harness_metrics_next_to_val_loss(env, tmp_path, capsys):
+    """--eval.tasks runs the local tasks at each validation; the last logged value is what the harness gives
+    for the final checkpoint."""
+    import csv
+
+    from litmodel.evaluation import run_tasks
+    from litmodel.finetune import setup
+
+    qa = [("Hi", "Hello world!"), ("Fox?", "The quick fox."), ("Dog?", "The lazy dog."), ("Once", "upon a time")] * 2
+    data = tmp_path / "qa.json"
+    data.write_text(json.dumps([{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                                for q, a in qa]))
+    out = tmp_path / "ft"
+    setup("full", ["--checkpoint_dir", str(env["ckpt"]), "--data", "JSON", "--data.json_path", str(data),
+                   "--data.val_split_fraction", "0.25", "--out_dir", str(out), "--precision", "32-true",
+                   "--accelerator", "cpu", "--logger", "csv", "--train.global_batch_size", "2",
+                   "--train.micro_batch_size", "2", "--train.epochs", "1", "--train.max_steps", "2",
+                   "--train.lr", "0.01", "--train.warmup_steps", "0", "--eval.interval", "1", "--eval.max_iters", "1",
+                   "--eval.max_new_tokens", "0", "--eval.tasks", "tiny_mc,tiny_ppl", "--eval.limit", "3",
+                   "--eval.include_path", str(env["tasks"])])
+    printed = capsys.readouterr().out
+    assert "val loss" in printed and "tiny ppl/bits per byte" in printed, printed
+    with open(out / "logs" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("tiny_ppl/bits_per_byte")]
+    assert [int(r["step"]) for r in rows][:2] == [1, 2]
+    assert all(r["val_loss"] and r["tiny_mc/acc"] for r in rows)
+    lm = _lit_lm({"ckpt": out / "final"}, 2)
+    final = _run(lm, env, tasks=["tiny_mc", "tiny_ppl"], limit=3)["results"]
+    assert float(rows[-1]["tiny_ppl/bits_per_byte"]) == pytest.approx(final["tiny_ppl"]["bits_per_byte,none"], rel=1e-5)
+    assert float(rows[-1]["tiny_mc/acc"]) == pytest.approx(final["tiny_mc"]["acc,none"])
+    assert float(rows[0]["tiny_ppl/bits_per_byte"]) != float(rows[-1]["tiny_ppl/bits_per_byte"])  # it trained
