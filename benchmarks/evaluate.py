@@ -1,17 +1,20 @@
-r"""lm-eval `loglikelihood` throughput of litmodel's scorer at batch size 1 vs 16.
+r"""lm-eval `loglikelihood` throughput of litmodel's scorer at batch size 1 vs 16, with and without packing.
 
-    python benchmarks/evaluate.py                          # both workloads, 3 interleaved rounds
-    python benchmarks/evaluate.py --workloads short --rounds 5 --threads 2 --batch_sizes 1,4,16
+    python benchmarks/evaluate.py                          # both workloads, 4 variants, 3 interleaved rounds
+    python benchmarks/evaluate.py --workloads short --rounds 5 --threads 2 --variants bs1,bs4,bs16-pack
 
 SmolLM2-135M-sized Llama (`Config.from_name("SmolLM2-135M")`, random weights), scored with
 `litmodel.scoring.score_continuations` (what `LitLM.loglikelihood` runs after tokenizing), on
 multiple-choice-shaped requests: each context comes with 4 continuations of different lengths.
+Variants: bsN = N rows per forward pass, one request per row (requests with identical inputs share a
+row); bsN-pack = the 4 continuations of a context packed in one row after one copy of the context
+(`pack=True`, the default of `LitLM`).
 Workloads (token counts drawn uniformly):
   short      context 8-24 tokens, continuation 1-4 tokens (PIQA/LAMBADA-sized)
   hellaswag  context 60-120 tokens, continuation 15-35 tokens
 Every round runs every (workload, batch size) once, in a rotated order, so that load from other
 processes affects all variants alike; the table reports medians over rounds of requests/s and of
-scored tokens/s (context + continuation tokens the model read).
+request tokens/s (context + continuation tokens of the requests, however many the model actually reads).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def make_requests(kind: str, contexts: int, vocab: int, seed: int = 0) -> list[t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", default="short,hellaswag")
-    parser.add_argument("--batch_sizes", default="1,16")
+    parser.add_argument("--variants", default="bs1,bs16,bs1-pack,bs16-pack")
     parser.add_argument("--contexts", type=int, default=8, help="contexts per workload (4 requests each)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -64,33 +67,35 @@ def main() -> None:
     cfg = Config.from_name("SmolLM2-135M")
     model = build_model(cfg).eval()
     workloads = args.workloads.split(",")
-    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    names = args.variants.split(",")
+    settings = {v: (int(v.split("-")[0][2:]), v.endswith("-pack")) for v in names}
     requests = {w: make_requests(w, args.contexts, cfg.vocab_size) for w in workloads}
-    variants = [(w, b) for w in workloads for b in sizes]
+    variants = [(w, v) for w in workloads for v in names]
     score_continuations(model, requests[workloads[0]][:4], cfg.block_size, 4)  # warm-up
-    times: dict[tuple[str, int], list[float]] = {v: [] for v in variants}
+    times: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
     for r in range(args.rounds):
         order = variants[r % len(variants):] + variants[:r % len(variants)]
-        for w, b in order:
+        for w, v in order:
+            bs, pack = settings[v]
             t0 = time.perf_counter()
-            score_continuations(model, requests[w], cfg.block_size, b)
-            times[(w, b)].append(time.perf_counter() - t0)
-            print(f"round {r + 1}: {w} bs={b}: {len(requests[w]) / times[(w, b)][-1]:.2f} requests/s", file=sys.stderr)
+            score_continuations(model, requests[w], cfg.block_size, bs, pack=pack)
+            times[(w, v)].append(time.perf_counter() - t0)
+            print(f"round {r + 1}: {w} {v}: {len(requests[w]) / times[(w, v)][-1]:.2f} requests/s", file=sys.stderr)
 
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
           f"{datetime.date.today()}, medians of {args.rounds} rounds, {args.contexts} contexts x 4 requests")
-    print("| workload | batch size | requests/s | tokens/s | speed-up vs bs=1 |")
+    print("| workload | variant | requests/s | request tokens/s | speed-up vs the first variant |")
     print("|---|---|---|---|---|")
     summary = {}
     for w in workloads:
-        tokens = sum(len(c) + len(t) - 1 for c, t in requests[w])
+        tokens = sum(len(c) + len(t) - 1 for c, t in requests[w])  # tokens the requests ask to read
         base = None
-        for b in sizes:
-            med = statistics.median(times[(w, b)])
+        for v in names:
+            med = statistics.median(times[(w, v)])
             rps = len(requests[w]) / med
             base = base or rps
-            summary[f"{w}/bs{b}"] = {"requests_per_s": rps, "tokens_per_s": tokens / med}
-            print(f"| {w} | {b} | {rps:.2f} | {tokens / med:.0f} | {rps / base:.2f}x |")
+            summary[f"{w}/{v}"] = {"requests_per_s": rps, "request_tokens_per_s": tokens / med}
+            print(f"| {w} | {v} | {rps:.2f} | {tokens / med:.0f} | {rps / base:.2f}x |")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
 

@@ -47,13 +47,14 @@ def _head_only_at(model: nn.Module, flat_positions: torch.Tensor) -> Iterator[No
         handle.remove()
 
 
-def logits_at(model: nn.Module, idx: torch.Tensor, flat_positions: torch.Tensor) -> torch.Tensor:
-    """Logits (N, vocab) at ``flat_positions`` (indices into the flattened (B, T) of ``idx``)."""
+def logits_at(model: nn.Module, idx: torch.Tensor, flat_positions: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Logits (N, vocab) at ``flat_positions`` (indices into the flattened (B, T) of ``idx``); ``kwargs`` go to
+    the model's forward (``positions``, ``mask``)."""
     if not isinstance(getattr(model, "lm_head", None), nn.Module):
-        logits = model(idx)
+        logits = model(idx, **kwargs)
         return logits.reshape(-1, logits.size(-1)).index_select(0, flat_positions)
     with _head_only_at(model, flat_positions):
-        logits = model(idx)
+        logits = model(idx, **kwargs)
     return logits.reshape(-1, logits.size(-1))
 
 
@@ -61,57 +62,125 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+@dataclass
+class _Row:
+    """One row of a batch: ``tokens`` with their rotary/learned ``positions`` and ``segments`` (0: the shared
+    context, k > 0: the k-th continuation packed after it, which sees the context and itself only), and for
+    each request it answers, the row positions whose logits predict its continuation tokens."""
+
+    tokens: list[int]
+    positions: list[int]
+    segments: list[int]
+    reads: list[tuple[int, list[int]]]
+
+
+def _can_pack(model: nn.Module) -> bool:
+    # a sliding window is applied by slot distance, which packing stretches: keep such models on plain rows
+    config = getattr(model, "config", None)
+    return not any("sliding_window" in k and v for k, v in vars(config).items()) if config is not None else False
+
+
+def _plan_rows(requests: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int, pack: bool) -> list[_Row]:
+    """The rows to run: requests with the same input share a row; with ``pack``, the continuations of a
+    context (e.g. the choices of a multiple-choice question) are packed after one copy of it."""
+    plain: dict[tuple[int, ...], _Row] = {}
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, cont) in enumerate(requests):
+        if pack and len(ctx) + len(cont) - 1 <= max_length:
+            groups.setdefault(tuple(ctx), []).append(i)
+            continue
+        inp = tuple((list(ctx) + list(cont))[-(max_length + 1):][:-1])
+        row = plain.setdefault(inp, _Row(list(inp), list(range(len(inp))), [0] * len(inp), []))
+        row.reads.append((i, list(range(len(inp) - len(cont), len(inp)))))
+    rows = list(plain.values())
+    for ctx, members in groups.items():
+        n = len(ctx)
+        if len(members) == 1:  # nothing to share: a plain row
+            (i,) = members
+            inp = list(ctx) + list(requests[i][1][:-1])
+            rows.append(_Row(inp, list(range(len(inp))), [0] * len(inp), [(i, list(range(n - 1, len(inp))))]))
+            continue
+        row, seen = None, {}
+        for i in members:
+            seg = tuple(requests[i][1][:-1])
+            if row is None or (seg not in seen and len(row.tokens) + len(seg) > max_length):
+                row, seen = _Row(list(ctx), list(range(n)), [0] * n, []), {}
+                rows.append(row)
+            if seg not in seen:
+                seen[seg] = len(row.tokens)
+                row.tokens += seg
+                row.positions += range(n, n + len(seg))
+                row.segments += [len(seen)] * len(seg)
+            a = seen[seg]
+            row.reads.append((i, [n - 1, *range(a, a + len(seg))]))
+    return rows
+
+
+def _row_mask(rows: list[_Row], T: int, device) -> torch.Tensor:
+    """(B, 1, T, T) boolean: key k is visible to query q if k <= q and k is in the shared context or in q's own
+    segment. Padding (segment -1) sees the context, so no attention row is empty; no real query sees it."""
+    seg = torch.full((len(rows), T), -1, dtype=torch.long)
+    for b, row in enumerate(rows):
+        seg[b, :len(row.segments)] = torch.tensor(row.segments)
+    seg = seg.to(device)
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    same = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])
+    return (causal & same).unsqueeze(1)
+
+
 @torch.inference_mode()
 def score_continuations(model: nn.Module, requests: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int,
-                        batch_size: int = 1, progress: bool | str = False) -> list[tuple[float, bool]]:
+                        batch_size: int = 1, progress: bool | str = False, pack: bool = True
+                        ) -> list[tuple[float, bool]]:
     """(sum of log p(continuation | context), continuation is the greedy one) for each request.
 
     The model reads ``(context + continuation)[-(max_length + 1):][:-1]``: like lm-eval's HF backend, a
-    pair longer than the context window loses tokens on the left. ``progress``: a tqdm bar (a string is
-    its description).
+    pair longer than the context window loses tokens on the left. Rows (see `_plan_rows`) run longest
+    first, right-padded, ``batch_size`` per forward pass. ``pack``: the continuations of one context share
+    a row after a single copy of it, each seeing only the context and itself (same result, less compute:
+    multiple choice reads the question once instead of once per choice). ``progress``: a tqdm bar (a
+    string is its description).
     """
     if batch_size < 1:
         raise LitModelError(f"--batch_size must be >= 1, got {batch_size}")
-    inputs: list[tuple[int, ...]] = []
     for ctx, cont in requests:
         if len(cont) == 0 or len(ctx) == 0:
             raise ValueError("score_continuations needs a non-empty context and continuation")
         if len(cont) > max_length:
             raise LitModelError(f"a continuation of {len(cont)} tokens does not fit the context window of "
                                 f"{max_length} tokens; raise --max_seq_length (up to the model's block_size)")
-        inputs.append(tuple((list(ctx) + list(cont))[-(max_length + 1):][:-1]))
-
-    # requests with the same input tokens (e.g. multiple choice with one-token answers) share one row
-    rows: dict[tuple[int, ...], list[int]] = {}
-    for i, inp in enumerate(inputs):
-        rows.setdefault(inp, []).append(i)
     # longest first: the first batch is the largest (memory errors show up at once, ETAs are upper bounds)
-    order = sorted(rows, key=lambda inp: -len(inp))
+    rows = sorted(_plan_rows(requests, max_length, pack and _can_pack(model)), key=lambda r: -len(r.tokens))
     device = _device(model)
     results: list[tuple[float, bool] | None] = [None] * len(requests)
     bar = tqdm(total=len(requests), desc=progress if isinstance(progress, str) else "scoring",
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        T = len(batch[0])
-        idx = torch.zeros(len(batch), T, dtype=torch.long)  # right padding: causal attention never sees it
-        flat, spans = [], []
-        for b, inp in enumerate(batch):
-            idx[b, :len(inp)] = torch.tensor(inp, dtype=torch.long)
-            first = min(len(inp) - len(requests[i][1]) for i in rows[inp])  # earliest scored position
-            spans.append((len(flat), first))
-            flat.extend(range(b * T + first, b * T + len(inp)))
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        T = len(batch[0].tokens)
+        idx = torch.zeros(len(batch), T, dtype=torch.long)  # right padding: no real token attends to it
+        flat, where = [], []
+        for b, row in enumerate(batch):
+            idx[b, :len(row.tokens)] = torch.tensor(row.tokens, dtype=torch.long)
+            needed = sorted({p for _, ps in row.reads for p in ps})  # the output head runs only here
+            where.append({p: len(flat) + j for j, p in enumerate(needed)})
+            flat += [b * T + p for p in needed]
+        kwargs = {}
+        if any(max(row.segments) > 0 for row in batch):
+            positions = torch.zeros(len(batch), T, dtype=torch.long)
+            for b, row in enumerate(batch):
+                positions[b, :len(row.positions)] = torch.tensor(row.positions)
+            kwargs = dict(positions=positions.to(device), mask=_row_mask(batch, T, device))
         flat_t = torch.tensor(flat, dtype=torch.long, device=device)
-        logprobs = torch.log_softmax(logits_at(model, idx.to(device), flat_t).float(), dim=-1)
+        logprobs = torch.log_softmax(logits_at(model, idx.to(device), flat_t, **kwargs).float(), dim=-1)
         greedy = logprobs.argmax(dim=-1)
-        for (offset, first), inp in zip(spans, batch):
-            for i in rows[inp]:
+        for row, at in zip(batch, where):
+            for i, ps in row.reads:
                 cont = torch.tensor(list(requests[i][1]), dtype=torch.long, device=device)
-                lo = offset + len(inp) - len(cont) - first
-                rows_lp = logprobs[lo:lo + len(cont)]
-                lp = rows_lp.gather(-1, cont[:, None]).sum()
-                results[i] = (float(lp), bool((greedy[lo:lo + len(cont)] == cont).all()))
-            bar.update(len(rows[inp]))
+                sel = torch.tensor([at[p] for p in ps], dtype=torch.long, device=device)
+                lp = logprobs[sel].gather(-1, cont[:, None]).sum()
+                results[i] = (float(lp), bool((greedy[sel] == cont).all()))
+            bar.update(len(row.reads))
     bar.close()
     return results  # type: ignore[return-value]
 

@@ -274,10 +274,18 @@ def test_score_continuations_batched_equals_one_by_one(env):
         reqs.append((ctx, cont))
     reqs.append((reqs[0][0], [7]))  # the same context with one-token continuations: one row
     reqs.append((reqs[0][0], [9]))
-    one = [score_continuations(model, [r], BLOCK)[0] for r in reqs]
-    batched = score_continuations(model, reqs, BLOCK, batch_size=5)
-    assert [g for _, g in one] == [g for _, g in batched]
-    assert [lp for lp, _ in one] == pytest.approx([lp for lp, _ in batched], abs=1e-5)
+    short = reqs[1][0][:6]  # multiple choice: continuations packed after one copy of the context (and a 2nd row
+    reqs += [(short, [5, 6, 7, 8, 9, 10, 11, 12][:k]) for k in range(1, 9)]  # when they do not fit in BLOCK)
+    reqs.append((short, [5, 6, 7]))  # a duplicate
+    one = [score_continuations(model, [r], BLOCK, pack=False)[0] for r in reqs]
+    for pack in (False, True):
+        batched = score_continuations(model, reqs, BLOCK, batch_size=5, pack=pack)
+        assert [g for _, g in one] == [g for _, g in batched]
+        assert [lp for lp, _ in one] == pytest.approx([lp for lp, _ in batched], abs=1e-5)
+    from litmodel.scoring import _plan_rows
+
+    rows = [r for r in _plan_rows(reqs, BLOCK, pack=True) if r.tokens[:6] == short and max(r.segments) > 0]
+    assert len(rows) == 2 and all(len(r.tokens) <= BLOCK for r in rows)
     # reference: full logits of the truncated input, no head trick, no batching
     ctx, cont = reqs[3]
     inp = (ctx + cont)[-(BLOCK + 1):][:-1]
