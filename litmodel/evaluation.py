@@ -21,14 +21,15 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
 import torch.nn as nn
 
+from litmodel.fabric import capture_rng_state, restore_rng_state
 from litmodel.generate import generate_tokens, make_generator
 from litmodel.scoring import score_continuations
 from litmodel.utils import LitModelError
 
 try:
+    import datasets
     import lm_eval
     from lm_eval.api.model import TemplateLM
     from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
@@ -115,6 +116,9 @@ class LitLM(TemplateLM):
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     # ---- loglikelihood --------------------------------------------------------------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         pairs = [(ctx, cont) for _, ctx, cont in requests]
         progress = False if disable_tqdm or not self.progress else "loglikelihood requests"
@@ -297,6 +301,7 @@ def run_tasks(lm, tasks: Sequence[str], manager=None, num_fewshot: int | None = 
     level = logging.getLogger("lm_eval").level
     if not verbose:  # during training: keep the log to our own lines
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
+        datasets.disable_progress_bars()
     try:
         results = lm_eval.simple_evaluate(
             model=lm, tasks=expand_tasks(manager, tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
@@ -306,6 +311,8 @@ def run_tasks(lm, tasks: Sequence[str], manager=None, num_fewshot: int | None = 
             numpy_random_seed=seeds[1], torch_random_seed=seeds[2], fewshot_random_seed=seeds[3])
     finally:
         logging.getLogger("lm_eval").setLevel(level)
+        if not verbose:
+            datasets.enable_progress_bars()
     if isinstance(lm, LitLM):
         results["config"]["model"] = lm.name
         results["config"]["batch_size"] = lm.batch_size
@@ -323,8 +330,8 @@ def headline_metrics(results: dict[str, Any]) -> dict[str, float]:
     flat = {}
     for task, metrics in results.get("results", {}).items():
         for key, value in metrics.items():
-            if key == "alias" or "_stderr" in key or not isinstance(value, (int, float)):
-                continue
+            if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
+                continue  # metrics are "<metric>,<filter>"; alias, sample_len and stderrs are not logged
             metric, _, filt = key.partition(",")
             flat[f"{task}/{metric if filt in ('', 'none') else f'{metric}_{filt}'}"] = float(value)
     return flat
@@ -355,6 +362,7 @@ def harness_evaluator(tasks: str | Sequence[str], tokenizer, limit: int | float 
 
     Task names are checked here, before training starts. Under FSDP every rank runs the requests (each
     forward gathers the shards); otherwise only rank 0 does, on the unwrapped module (no DDP collectives).
+    lm-eval seeds python, numpy and torch; the training run's random state is put back afterwards.
     """
     names = parse_tasks(tasks)
     check_limit(limit)
@@ -366,12 +374,14 @@ def harness_evaluator(tasks: str | Sequence[str], tokenizer, limit: int | float 
             return {}
         module = getattr(model, "module", model)
         lm = LitLM(module, tokenizer, batch_size=batch_size, max_length=max_length, progress=False)
+        rng = capture_rng_state()
         try:
             with fabric.autocast():
                 results = run_tasks(lm, names, manager, num_fewshot=num_fewshot, limit=limit, bootstrap_iters=0,
                                     verbose=False)
         finally:
             module.clear_kv_cache()
+            restore_rng_state(rng)
         return headline_metrics(results) if fabric.is_global_zero else {}
 
     return evaluate

@@ -21,7 +21,6 @@ from litmodel import Config, build_model
 from litmodel.checkpoint import save_checkpoint_dir, load_model
 from litmodel.scoring import perplexity, score_continuations, sliding_windows
 from litmodel.tokenizer import Tokenizer
-from litmodel.utils import LitModelError
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("lm_eval")
@@ -402,7 +401,6 @@ def test_finetuning_logs_harness_metrics_next_to_val_loss(env, tmp_path, capsys)
     for the final checkpoint."""
     import csv
 
-    from litmodel.evaluation import run_tasks
     from litmodel.finetune import setup
 
     qa = [("Hi", "Hello world!"), ("Fox?", "The quick fox."), ("Dog?", "The lazy dog."), ("Once", "upon a time")] * 2
@@ -428,3 +426,29 @@ def test_finetuning_logs_harness_metrics_next_to_val_loss(env, tmp_path, capsys)
     assert float(rows[-1]["tiny_ppl/bits_per_byte"]) == pytest.approx(final["tiny_ppl"]["bits_per_byte,none"], rel=1e-5)
     assert float(rows[-1]["tiny_mc/acc"]) == pytest.approx(final["tiny_mc"]["acc,none"])
     assert float(rows[0]["tiny_ppl/bits_per_byte"]) != float(rows[-1]["tiny_ppl/bits_per_byte"])  # it trained
+
+
+def test_harness_evaluator_keeps_the_training_rng_and_runs_on_rank_zero(env):
+    import contextlib
+    import random
+
+    from litmodel.evaluation import harness_evaluator
+
+    class FakeFabric:
+        def __init__(self, strategy: str, rank: int):
+            self.strategy, self.is_global_zero = strategy, rank == 0
+
+        autocast = staticmethod(contextlib.nullcontext)
+
+    evaluate = harness_evaluator("tiny_ppl", Tokenizer(env["ckpt"]), limit=2, include_path=env["tasks"])
+    model = load_model(env["ckpt"])
+    torch.manual_seed(5)
+    random.seed(5)
+    expected = (torch.rand(3), random.random())
+    torch.manual_seed(5)
+    random.seed(5)
+    out = evaluate(FakeFabric("ddp", 0), model, 1)
+    after = (torch.rand(3), random.random())
+    assert torch.equal(after[0], expected[0]) and after[1] == expected[1]  # lm-eval reseeded; we put it back
+    assert set(out) == {"tiny_ppl/word_perplexity", "tiny_ppl/byte_perplexity", "tiny_ppl/bits_per_byte"}
+    assert evaluate(FakeFabric("ddp", 1), model, 1) == {}  # only rank 0 runs it outside FSDP
