@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch.nn as nn
+from tqdm import tqdm
 
 from litmodel.fabric import capture_rng_state, restore_rng_state
 from litmodel.generate import generate_tokens, make_generator
@@ -71,7 +72,6 @@ class LitLM(TemplateLM):
         self.name = name
         self.progress = progress
         self._device = next(model.parameters()).device
-        self._seed = seed
         self._generator = make_generator(seed, self._device)
 
     # ---- what the harness asks about the model -------------------------------------------------------------
@@ -150,8 +150,6 @@ class LitLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Generate for each (context, gen_kwargs) until a stop string of ``until``, the EOS token or
         ``max_gen_toks`` tokens; greedy unless ``do_sample`` (then ``temperature``/``top_k``/``top_p``)."""
-        from tqdm import tqdm
-
         args = [req.args for req in requests]
         # batches share gen_kwargs; longest context first, as the HF backend
         groups: dict[str, list[int]] = {}
@@ -186,12 +184,12 @@ class LitLM(TemplateLM):
         temperature = float(kwargs.get("temperature", 0.0)) if do_sample else 0.0
         top_k = kwargs.get("top_k")
         top_p = float(kwargs.get("top_p") or 1.0)
-        prompts = [c[-max_ctx_len:] for c in contexts]
+        prompts = [c[-max_ctx_len:] or [self.prefix_token_id] for c in contexts]  # an empty prompt: BOS
         stops = set(self.tokenizer.stop_ids)
         strings = [s for s in until if s]
         generated: list[list[int]] = [[] for _ in prompts]
         done = [False] * len(prompts)
-        steps = generate_tokens(self.model, prompts, max_gen_toks, temperature=temperature if temperature > 0 else 0.0,
+        steps = generate_tokens(self.model, prompts, max_gen_toks, temperature=temperature,
                                 top_k=int(top_k) if top_k else None, top_p=top_p, stop_tokens=stops,
                                 generator=self._generator, pad_id=self.prefix_token_id)
         for toks in steps:
