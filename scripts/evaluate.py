@@ -36,7 +36,7 @@ def main(
     text_file: Optional[Path] = None,
     num_fewshot: Optional[int] = None,
     limit: Optional[float] = None,
-    batch_size: int = 16,
+    batch_size: Optional[int] = None,
     include_path: Optional[Path] = None,
     apply_chat_template: bool = False,
     fewshot_as_multiturn: Optional[bool] = None,
@@ -57,7 +57,8 @@ def main(
         text_file: A UTF-8 text file whose perplexity and bits per byte to measure.
         num_fewshot: Few-shot examples per prompt (default: each task's own setting, else 0).
         limit: Examples per task: a count, or a fraction of the task below 1 (for quick checks).
-        batch_size: Requests per forward pass (scoring) or per generation batch; lower it if memory runs out.
+        batch_size: Rows per forward pass (scoring) or per generation batch (default: 16 on a GPU, 4 on CPU, where
+            larger batches of long prompts are slower); lower it if memory runs out.
         include_path: A directory of your own task YAML files (local JSON/JSONL data works offline).
         apply_chat_template: Render prompts with the checkpoint's chat template (as lm-eval's flag).
         fewshot_as_multiturn: Few-shot examples as chat turns (default: on with --apply_chat_template).
@@ -89,6 +90,8 @@ def main(
     dev = resolve_device(accelerator or device)
     if precision is None:
         precision = "bf16-true" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "32-true"
+    if batch_size is None:
+        batch_size = 16 if dev.type == "cuda" else 4
     out_dir = Path(out_dir) if out_dir is not None else Path("out/evaluate") / checkpoint_dir.name
     model = load_model(checkpoint_dir, device=dev, dtype=PRECISIONS[precision])
     block_size = model.config.block_size
