@@ -293,6 +293,23 @@ def test_score_continuations_batched_equals_one_by_one(env):
     assert one[3][0] == pytest.approx(float(logp.gather(-1, torch.tensor(cont)[:, None]).sum()), abs=1e-5)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "mistral"])
+def test_packed_rows_equal_separate_rows_for_other_families(family):
+    """Packing gives each continuation the positions it would have alone: learned positions (GPT-2), partial
+    rotary + parallel residual (GPT-NeoX); a sliding-window model (Mistral) is scored on plain rows."""
+    extra = {"gpt2": dict(learned_pos_emb=True, rotary_percentage=0.0, bias=True, tie_embeddings=True),
+             "gpt_neox": dict(parallel_residual=True, rotary_percentage=0.25, bias=True),
+             "mistral": dict(sliding_window=8)}[family]
+    torch.manual_seed(0)
+    model = build_model(Config(model_type=family, block_size=BLOCK, vocab_size=64, n_layer=2, n_head=4, n_embd=32,
+                               intermediate_size=64, **extra)).eval()
+    ctx = [3, 1, 4, 1, 5, 9, 2, 6]
+    reqs = [(ctx, [5, 3, 5]), (ctx, [8]), (ctx, [9, 7, 9, 3, 2]), (ctx[:3], [1, 4]), (ctx[:3], [2, 2, 2])]
+    one = [score_continuations(model, [r], BLOCK, pack=False)[0][0] for r in reqs]
+    packed = [lp for lp, _ in score_continuations(model, reqs, BLOCK, batch_size=2, pack=True)]
+    assert packed == pytest.approx(one, abs=1e-5)
+
+
 def test_sampled_generation_is_seeded_and_top_k_1_is_greedy(env):
     from lm_eval.api.instance import Instance
 
