@@ -3,7 +3,7 @@ r"""Evaluate a litmodel checkpoint: lm-evaluation-harness tasks, or the perplexi
     python scripts/evaluate.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M --tasks hellaswag,arc_easy
     python scripts/evaluate.py --checkpoint_dir ... --tasks mmlu --num_fewshot 5 --limit 100 --batch_size 16
     python scripts/evaluate.py --checkpoint_dir ... --tasks my_task --include_path my_tasks/   # local YAML + JSONL
-    python scripts/evaluate.py --checkpoint_dir ... --tasks gsm8k --apply_chat_template          # instruct models
+    python scripts/evaluate.py --checkpoint_dir ... --tasks gsm8k --apply_chat_template true     # instruct models
     python scripts/evaluate.py --checkpoint_dir ... --text_file held_out.txt --max_seq_length 1024 --stride 512
 
 Tasks run through lm-eval (`pip install -e ".[eval]"`) with litmodel's own model (no conversion to
