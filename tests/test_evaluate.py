@@ -469,3 +469,33 @@ def test_harness_evaluator_keeps_the_training_rng_and_runs_on_rank_zero(env):
     assert torch.equal(after[0], expected[0]) and after[1] == expected[1]  # lm-eval reseeded; we put it back
     assert set(out) == {"tiny_ppl/word_perplexity", "tiny_ppl/byte_perplexity", "tiny_ppl/bits_per_byte"}
     assert evaluate(FakeFabric("ddp", 1), model, 1) == {}  # only rank 0 runs it outside FSDP
+
+
+def test_pretraining_logs_harness_metrics_next_to_val_loss(env, tmp_path, capsys):
+    """The pretraining recipe (tiny debug config, in-process) with --eval.tasks: a rolling-loglikelihood task at
+    each validation, logged in the same rows as the validation loss."""
+    import csv
+
+    from litmodel.data import corpus_from_documents, prepare_corpus
+    from litmodel.pretrain import setup
+    from litmodel.tokenizer import train_tokenizer
+
+    docs = [(f"doc{i}.txt", (TEXT[i * 40:i * 40 + 400] + "\n") * 2) for i in range(30)]
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for name, text in docs:
+        (texts / name).write_text(text)
+    train_tokenizer(texts, tmp_path / "tok", vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False)
+    prepare_corpus(corpus_from_documents(docs, "test"), tmp_path / "tok", tmp_path / "shards", val_fraction=0.2,
+                   num_workers=1, progress=False)
+    out = tmp_path / "pre"
+    setup("llama", None, ["--config", str(ROOT / "configs" / "pretrain" / "llama-debug.yaml"),
+                          "--data.data_dir", str(tmp_path / "shards"), "--data.tokenizer_dir", str(tmp_path / "tok"),
+                          "--out_dir", str(out), "--train.max_steps", "4", "--eval.interval", "2",
+                          "--eval.tasks", "tiny_ppl", "--eval.limit", "2", "--eval.include_path", str(env["tasks"]),
+                          "--sample.max_new_tokens", "0"])
+    assert "tiny ppl/bits per byte" in capsys.readouterr().out
+    with open(out / "logs" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("tiny_ppl/bits_per_byte")]
+    assert [int(r["step"]) for r in rows] == [2, 4] and all(r["val_loss"] for r in rows)
+    assert float(rows[1]["tiny_ppl/bits_per_byte"]) < float(rows[0]["tiny_ppl/bits_per_byte"])  # it learns English
