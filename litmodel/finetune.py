@@ -40,8 +40,8 @@ from litmodel.data.sft import IGNORE_INDEX, JSON, JSONData
 from litmodel.fabric import Fabric
 from litmodel.lora import (LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, LoRAConfig, apply_lora, load_lora,
                            mark_only_lora_as_trainable, merge_lora)
-from litmodel.plot import write_loss_plot
 from litmodel.flops import train_flops_per_token
+from litmodel.plot import write_loss_plot
 from litmodel.training import (EvalArgs, TrainArgs, accumulation_steps, build_optimizer, fit, resolve_precision,
                                resolve_resume, save_final_checkpoint)
 from litmodel.utils import LitModelError, atomic_dir
