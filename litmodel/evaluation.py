@@ -311,6 +311,8 @@ def run_tasks(lm, tasks: Sequence[str], manager=None, num_fewshot: int | None = 
         logging.getLogger("lm_eval").setLevel(level)
         if not verbose:
             datasets.enable_progress_bars()
+    if results is None:  # lm-eval builds the results on LOCAL_RANK 0 only (the other FSDP ranks ran the forwards)
+        return {}
     if isinstance(lm, LitLM):
         results["config"]["model"] = lm.name
         results["config"]["batch_size"] = lm.batch_size
@@ -369,10 +371,11 @@ def harness_evaluator(tasks: str | Sequence[str], tokenizer, limit: int | float 
 
     def evaluate(fabric, model, step: int) -> dict[str, float]:
         if not (fabric.strategy == "fsdp" or fabric.is_global_zero):
+            capture_rng_state()  # collective under a process group: every rank takes part
             return {}
+        rng = capture_rng_state()
         module = getattr(model, "module", model)
         lm = LitLM(module, tokenizer, batch_size=batch_size, max_length=max_length, progress=False)
-        rng = capture_rng_state()
         try:
             with fabric.autocast():
                 results = run_tasks(lm, names, manager, num_fewshot=num_fewshot, limit=limit, bootstrap_iters=0,

@@ -471,31 +471,57 @@ def test_harness_evaluator_keeps_the_training_rng_and_runs_on_rank_zero(env):
     assert evaluate(FakeFabric("ddp", 1), model, 1) == {}  # only rank 0 runs it outside FSDP
 
 
-def test_pretraining_logs_harness_metrics_next_to_val_loss(env, tmp_path, capsys):
-    """The pretraining recipe (tiny debug config, in-process) with --eval.tasks: a rolling-loglikelihood task at
-    each validation, logged in the same rows as the validation loss."""
-    import csv
-
+@pytest.fixture(scope="module")
+def pretrain_data(tmp_path_factory) -> tuple[Path, Path]:
+    """Token shards and a tokenizer made with the real data-prep code from English text."""
     from litmodel.data import corpus_from_documents, prepare_corpus
-    from litmodel.pretrain import setup
     from litmodel.tokenizer import train_tokenizer
 
+    root = tmp_path_factory.mktemp("pretrain_data")
     docs = [(f"doc{i}.txt", (TEXT[i * 40:i * 40 + 400] + "\n") * 2) for i in range(30)]
-    texts = tmp_path / "texts"
-    texts.mkdir()
+    (root / "texts").mkdir()
     for name, text in docs:
-        (texts / name).write_text(text)
-    train_tokenizer(texts, tmp_path / "tok", vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False)
-    prepare_corpus(corpus_from_documents(docs, "test"), tmp_path / "tok", tmp_path / "shards", val_fraction=0.2,
+        (root / "texts" / name).write_text(text)
+    train_tokenizer(root / "texts", root / "tok", vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False)
+    prepare_corpus(corpus_from_documents(docs, "test"), root / "tok", root / "shards", val_fraction=0.2,
                    num_workers=1, progress=False)
-    out = tmp_path / "pre"
-    setup("llama", None, ["--config", str(ROOT / "configs" / "pretrain" / "llama-debug.yaml"),
-                          "--data.data_dir", str(tmp_path / "shards"), "--data.tokenizer_dir", str(tmp_path / "tok"),
-                          "--out_dir", str(out), "--train.max_steps", "4", "--eval.interval", "2",
-                          "--eval.tasks", "tiny_ppl", "--eval.limit", "2", "--eval.include_path", str(env["tasks"]),
-                          "--sample.max_new_tokens", "0"])
-    assert "tiny ppl/bits per byte" in capsys.readouterr().out
+    return root / "shards", root / "tok"
+
+
+def _pretrain_args(env, data, out: Path) -> list[str]:
+    return ["--config", str(ROOT / "configs" / "pretrain" / "llama-debug.yaml"), "--data.data_dir", str(data[0]),
+            "--data.tokenizer_dir", str(data[1]), "--out_dir", str(out), "--train.max_steps", "4",
+            "--eval.interval", "2", "--eval.tasks", "tiny_ppl", "--eval.limit", "2",
+            "--eval.include_path", str(env["tasks"]), "--sample.max_new_tokens", "0"]
+
+
+def _harness_rows(out: Path) -> list[dict]:
+    import csv
+
     with open(out / "logs" / "metrics.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("tiny_ppl/bits_per_byte")]
+        return [r for r in csv.DictReader(f) if r.get("tiny_ppl/bits_per_byte")]
+
+
+def test_pretraining_logs_harness_metrics_next_to_val_loss(env, pretrain_data, tmp_path, capsys):
+    """The pretraining recipe (tiny debug config, in-process) with --eval.tasks: a rolling-loglikelihood task at
+    each validation, logged in the same rows as the validation loss."""
+    from litmodel.pretrain import setup
+
+    setup("llama", None, _pretrain_args(env, pretrain_data, tmp_path / "pre"))
+    assert "tiny ppl/bits per byte" in capsys.readouterr().out
+    rows = _harness_rows(tmp_path / "pre")
     assert [int(r["step"]) for r in rows] == [2, 4] and all(r["val_loss"] for r in rows)
     assert float(rows[1]["tiny_ppl/bits_per_byte"]) < float(rows[0]["tiny_ppl/bits_per_byte"])  # it learns English
+
+
+@pytest.mark.slow
+def test_pretraining_harness_metrics_with_two_fsdp_processes(env, pretrain_data, tmp_path):
+    """Under FSDP every rank runs the requests (each forward gathers the shards); rank 0 logs them."""
+    out = tmp_path / "fsdp"
+    res = subprocess.run([sys.executable, "pretrain/llama.py", *_pretrain_args(env, pretrain_data, out),
+                          "--devices", "2", "--strategy", "fsdp", "--accelerator", "cpu"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=280,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = _harness_rows(out)
+    assert [int(r["step"]) for r in rows] == [2, 4] and all(r["val_loss"] for r in rows)
