@@ -38,10 +38,11 @@ from litmodel.checkpoint import (CONFIG_FILE, MODEL_FILE, SAFETENSORS_DTYPES, ch
                                  load_model, model_state_for_saving, read_safetensors_header, save_safetensors)
 from litmodel.data.sft import IGNORE_INDEX, JSON, JSONData
 from litmodel.fabric import Fabric
+from litmodel.flops import train_flops_per_token
 from litmodel.lora import (LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, LoRAConfig, apply_lora, load_lora,
                            mark_only_lora_as_trainable, merge_lora)
 from litmodel.plot import write_loss_plot
-from litmodel.flops import train_flops_per_token
+from litmodel.sharded_checkpoint import fill_from_checkpoint
 from litmodel.training import (EvalArgs, TrainArgs, accumulation_steps, build_optimizer, fit, language_model_loss,
                                resolve_precision, resolve_resume, save_final_checkpoint)
 from litmodel.utils import LitModelError, atomic_dir
@@ -88,6 +89,10 @@ class FinetuneEvalArgs(EvalArgs):
         sample_prompt: Prompt of the sample answer printed at each validation (formatted like the training data);
             default: the first validation record's prompt, shown with its expected answer.
         max_new_tokens: Length limit of the sample answer; 0 disables sampling.
+        tasks: lm-evaluation-harness tasks run at each validation, e.g. arc_easy,piqa (needs the [eval] extra);
+            their metrics are logged next to the validation loss.
+        limit: Examples per task in those runs (a fraction if below 1; null: all of them).
+        include_path: A directory of your own task YAML files for --eval.tasks.
     """
 
     interval: int = 50
@@ -224,6 +229,10 @@ def _run(method: str, checkpoint_dir: Path, data: Optional[JSONData], out_dir: P
     if data is None:
         raise LitModelError("no finetuning data; pass --data JSON --data.json_path FILE (.json or .jsonl)")
     load_records(data.json_path)  # missing file / keys, empty dataset: one line naming the record and key
+    if eval.tasks:
+        from litmodel.evaluation import check_tasks  # deferred: lm-eval is an optional extra, slow to import
+
+        check_tasks(eval.tasks, eval.limit, eval.include_path)
     if train.max_tokens is not None:
         raise LitModelError("--train.max_tokens is a pretraining budget; finetuning runs --train.epochs "
                             "(and stops early at --train.max_steps)")
@@ -291,6 +300,12 @@ def main(fabric: Fabric, spec: RunSpec) -> None:
     tokenizer = Tokenizer(spec.checkpoint_dir)
     config = load_config(spec.checkpoint_dir)
     max_seq_length = train.max_seq_length or config.block_size
+    harness = None
+    if spec.eval.tasks:  # lm-eval tasks at each validation; names are checked now, before any training
+        from litmodel.evaluation import harness_evaluator  # deferred: lm-eval is an optional extra, slow to import
+
+        harness = harness_evaluator(spec.eval.tasks, tokenizer, spec.eval.limit, spec.eval.include_path,
+                                    max_length=max_seq_length, batch_size=train.micro_batch_size)
     data = spec.data
     data.setup(tokenizer, max_seq_length)
     fabric.print(data.describe())
@@ -299,10 +314,11 @@ def main(fabric: Fabric, spec: RunSpec) -> None:
         fabric.print(f"note: {truncated} example(s) longer than max_seq_length={max_seq_length} were truncated "
                      "(raise --train.max_seq_length to keep them whole)")
 
-    # 2. the model: every rank loads the checkpoint (memory-mapped), LoRA gets the same init everywhere (seeded)
+    # 2. the model: memory-mapped (FSDP: on meta, then each rank reads its shards); LoRA: the same init everywhere
     dtype = _param_dtype(fabric.precision)
-    on_device = fabric.device if fabric.strategy != "fsdp" else torch.device("cpu")  # FSDP moves shards itself
-    model = load_model(spec.checkpoint_dir, device=on_device, dtype=dtype)
+    sharded_load = fabric.strategy == "fsdp"  # on meta; after sharding each rank reads only its shards
+    model = load_model(spec.checkpoint_dir, device="meta" if sharded_load else fabric.device, dtype=dtype)
+    lora_rng = torch.get_rng_state()
     if spec.method == "lora":
         apply_lora(model, **spec.lora.to_dict())
         if spec.quantize:
@@ -314,6 +330,8 @@ def main(fabric: Fabric, spec: RunSpec) -> None:
     fabric.print(f"model: {config.name} ({config.model_type}), {total / 1e6:.1f}M parameters, {trainable / 1e6:.3f}M "
                  f"trainable ({spec.method}), max_seq_length {max_seq_length}, {fabric.precision}")
     model = fabric.setup(model)
+    if sharded_load:
+        fill_from_checkpoint(model, spec.checkpoint_dir, lora_rng)
     optimizer = fabric.setup_optimizers(build_optimizer(model, train))
 
     # 3. data loaders (seeded, resumable), schedule length
@@ -336,6 +354,8 @@ def main(fabric: Fabric, spec: RunSpec) -> None:
         for logger in fabric.loggers:
             logger.log_hyperparams(spec.hparams)
     evaluators = []
+    if harness is not None:
+        evaluators.append(harness)
     if spec.eval.max_new_tokens > 0:  # a greedy answer to a fixed prompt at each validation
         sample = sample_prompt(data, spec.eval.sample_prompt)
         evaluators.append(lambda fabric, model, step: print_sample(fabric, model, tokenizer, sample,

@@ -72,6 +72,9 @@ class EvalArgs:
     max_iters: int = 20  # validation batches per run
     initial_validation: bool = False
     final_validation: bool = True
+    tasks: str | None = None  # lm-eval tasks run at each validation, e.g. arc_easy,piqa (needs the [eval] extra)
+    limit: float | None = 100  # examples per task in those runs (a fraction if below 1; null: all)
+    include_path: str | None = None  # a directory of your own task YAML files for --eval.tasks
 
 
 def accumulation_steps(train: TrainArgs, world_size: int) -> int:
