@@ -613,6 +613,11 @@ class Timer:
             self.first = time.perf_counter()
         self.n += 1
 
+    def tokens_per_second(self) -> float:
+        """Decode speed after the first token (nan before the second)."""
+        decode = time.perf_counter() - self.first if self.first is not None else 0.0
+        return (self.n - 1) / decode if self.n > 1 and decode > 0 else float("nan")
+
     def report(self, device: torch.device) -> str:
         end = time.perf_counter()
         total = end - self.start
