@@ -69,15 +69,17 @@ class PackedLinear(nn.Module):
 
 
 class FusedRMSNorm(nn.Module):
-    """`litmodel.llama.RMSNorm` as one `F.rms_norm` call (float32 statistics, then scaled, as RMSNorm)."""
+    """`litmodel.llama.RMSNorm` as one `F.rms_norm` call (float32 statistics, as RMSNorm; the scale is
+    applied before rounding to a half dtype instead of after)."""
 
     def __init__(self, norm: RMSNorm) -> None:
         super().__init__()
         self.weight, self.eps = norm.weight, norm.eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.rms_norm(x.float(), (x.size(-1),), None, self.eps)
-        return self.weight * y.to(x.dtype)
+        if x.dtype == self.weight.dtype:  # the kernel keeps float32 statistics for half inputs too
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), None, self.eps).to(x.dtype)
 
 
 class StepCache:
@@ -96,10 +98,19 @@ class StepCache:
             self.mask_in, self.length, self.mask = mask, length, None if bool(m.all()) else m
         return self.mask
 
-    def rope(self, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if cos is not self.cos_in or self.cos.dtype != dtype:
-            self.cos_in, self.cos, self.sin = cos, cos.to(dtype), sin.to(dtype)
-        return self.cos, self.sin
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """`litmodel.layers.apply_rope` of ``x`` (B, heads, 1, hs) in three ops when every dim is rotated:
+        x * cos + swap_halves(x) * [-sin, sin]."""
+        n = cos.size(-1)
+        if n != x.size(-1):  # partial rotary (GPT-NeoX)
+            return apply_rope(x, cos, sin)
+        if cos is not self.cos_in or self.cos.dtype != x.dtype:
+            if cos.dim() == 3:  # per-row positions (B, T, n): broadcast over heads
+                cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            signed = torch.cat((-sin[..., : n // 2], sin[..., n // 2:]), dim=-1)
+            self.cos_in, self.cos, self.sin = cos, cos.to(x.dtype), signed.to(x.dtype)
+        swapped = x.view(*x.shape[:-1], 2, n // 2).flip(-2).view(x.shape)
+        return torch.addcmul(x * self.cos, swapped, self.sin)
 
 
 class DecodeAttention(CausalSelfAttention):
@@ -121,11 +132,11 @@ class DecodeAttention(CausalSelfAttention):
         qkv = self.qkv(x).view(B, H + 2 * G, 1, hs)
         qk, v = qkv[:, :H + G], qkv[:, H + G:]
         if cos is not None:
-            qk = apply_rope(qk, *self.step.rope(cos, sin, qk.dtype))  # q and k heads together: one rotation
+            qk = self.step.rope(qk, cos, sin)  # q and k heads together: one rotation
         q, k = qk[:, :H], qk[:, H:]
         cache = self.kv_cache
-        cache.k.index_copy_(2, input_pos, k.to(cache.k.dtype))
-        cache.v.index_copy_(2, input_pos, v.to(cache.v.dtype))
+        cache.k.index_copy_(2, input_pos, k if k.dtype == cache.k.dtype else k.to(cache.k.dtype))
+        cache.v.index_copy_(2, input_pos, v if v.dtype == cache.v.dtype else v.to(cache.v.dtype))
         # attend to the filled prefix of the cache only (a host read of the position is free on CPU): the
         # cost no longer grows with the cache length, and without padding no mask is needed at all
         L = int(input_pos[0]) + 1

@@ -87,8 +87,9 @@ def test_fast_decode_bf16_and_weight_sharing():
     fast16 = prepare_fast_decode(copy.deepcopy(bf16))
     x = torch.randint(0, 96, (1, 9))
     with torch.no_grad():
-        a, b = bf16(x).float(), fast16(x).float()
-    assert ((a - b).norm() / a.norm()) < 0.02  # bf16 rounding, different summation order
+        ref, a, b = model(x), bf16(x).float(), fast16(x).float()
+    err_bf16 = ((a - ref).norm() / ref.norm()).item()
+    assert ((b - ref).norm() / ref.norm()).item() < 1.5 * err_bf16  # bf16 rounding, in other places
     # int8 / int4 models: attention and norms are swapped, the quantized linears stay
     q = prepare_model(copy.deepcopy(model), quantize="int4", int4_group_size=32)
     assert isinstance(q.blocks[0].attn, DecodeAttention) and isinstance(q.blocks[0].attn.qkv, Int4Linear)
