@@ -125,8 +125,8 @@ class DecodeAttention(CausalSelfAttention):
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
                 mask: torch.Tensor | None, input_pos: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
-        if T != 1 or input_pos is None or input_pos.dim() != 1 or mask is None or self.kv_cache is None \
-                or mask.dtype != torch.bool:
+        if T != 1 or input_pos is None or input_pos.shape != (1,) or mask is None or self.kv_cache is None \
+                or mask.dtype != torch.bool:  # anything but one shared cache slot: the general path
             return super().forward(x, cos, sin, mask, input_pos)
         H, G, hs = self.n_head, self.n_kv_heads, self.head_size
         qkv = self.qkv(x).view(B, H + 2 * G, 1, hs)
