@@ -268,3 +268,17 @@ def test_speculative_bad_input():
         check_draft(target.config, other, 4)
     with pytest.raises(LitModelError, match="speculative_k"):
         list(speculative_generate(target, target, [1, 2], 4, k=0))
+
+
+def test_no_silent_compile_and_a_persistent_compile_cache(tmp_path, monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    from litmodel.generate import enable_compile_cache, make_decode_step
+
+    model = prepare_model(tiny())
+    step = make_decode_step(model)  # the default: a plain function, nothing compiled
+    assert not hasattr(step, "_torchdynamo_orig_callable") and step.__name__ == "step"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    assert enable_compile_cache() == tmp_path / "inductor" and (tmp_path / "inductor").is_dir()
+    assert inductor_config.fx_graph_cache
