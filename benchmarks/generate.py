@@ -10,7 +10,10 @@ Decode: SmolLM2-135M-sized Llama (`Config.from_name("SmolLM2-135M")`) with rando
 runs every variant once (in a rotated order) and measures the read bandwidth (`t.sum()` over a 1 GiB float32
 tensor) before and after, so load from other processes affects all alike; the table reports medians.
 
-decode tokens/s = (new tokens - 1) / (time of the last token - time of the first token). The floor is the read
+decode tokens/s = (new tokens - 1) / (time of the last token - time of the first token). CPU share = CPU seconds
+of the process / wall seconds over the same span (1.0 per thread on a quiet machine); "on-CPU" divides tokens and
+bytes by CPU seconds instead of wall seconds (meaningful with --threads 1: it removes the time other jobs held the
+core, which a shared machine adds to the decode far more than to the short bandwidth probe). The floor is the read
 bandwidth over the bytes of weights one token reads (every linear layer's weights and the norms; the embedding
 table is not counted: a lookup reads one row; a tied head counts once as the head).
 
@@ -76,13 +79,16 @@ def read_bytes(model: nn.Module) -> int:
     return total
 
 
-def bandwidth_gbs(t: torch.Tensor, reps: int = 3) -> float:
-    times = []
+def bandwidth_gbs(t: torch.Tensor, reps: int = 3) -> tuple[float, float]:
+    """Read bandwidth (GB/s) of ``t.sum()``: per wall second, and per CPU second of this process."""
+    times, cpu = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         t.sum()
         times.append(time.perf_counter() - t0)
-    return t.numel() * t.element_size() / statistics.median(times) / 1e9
+        cpu.append(time.process_time() - c0)
+    nbytes = t.numel() * t.element_size()
+    return nbytes / statistics.median(times) / 1e9, nbytes / max(statistics.median(cpu), 1e-9) / 1e9
 
 
 def hf_model(lit, cfg: Config):
@@ -105,12 +111,13 @@ class Stamps:
     """A transformers streamer that records when each new token arrives (the first put is the prompt)."""
 
     def __init__(self):
-        self.times, self.tokens, self.calls = [], [], 0
+        self.times, self.cpu, self.tokens, self.calls = [], [], [], 0
 
     def put(self, value):
         self.calls += 1
         if self.calls > 1:
             self.times.append(time.perf_counter())
+            self.cpu.append(time.process_time())
             self.tokens.append(int(value.reshape(-1)[0]))
 
     def end(self):
@@ -121,14 +128,20 @@ def run_hf(hf, prompt, new):
     s = Stamps()
     with torch.inference_mode():
         hf.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new, do_sample=False, streamer=s)
+    CPU_SHARE.append((s.cpu[-1] - s.cpu[0]) / (s.times[-1] - s.times[0]))
     return s.tokens, (len(s.times) - 1) / (s.times[-1] - s.times[0])
 
 
+CPU_SHARE: list[float] = []  # CPU seconds / wall seconds of the last decode: < threads when other jobs preempt it
+
+
 def timed(stream):
-    times, toks = [], []
+    times, cpu, toks = [], [], []
     for t in stream:
         times.append(time.perf_counter())
+        cpu.append(time.process_time())
         toks.append(t)
+    CPU_SHARE.append((cpu[-1] - cpu[0]) / (times[-1] - times[0]))
     return toks, (len(times) - 1) / (times[-1] - times[0])
 
 
@@ -171,38 +184,47 @@ def decode_table(args, cfg, base, prompt, default_dtype):
               file=sys.stderr, flush=True)
     big = torch.ones(256 * 1024 * 1024)  # 1 GiB
     speeds = {v: [] for v in variants}
-    bws, tokens = [], {}
+    shares = {v: [] for v in variants}
+    bws, bws_cpu, tokens = [], [], {}
     for r in range(args.rounds):
         order = variants[r % len(variants):] + variants[: r % len(variants)]
-        bws.append(bandwidth_gbs(big))
+        for b, c in [bandwidth_gbs(big)]:
+            bws.append(b)
+            bws_cpu.append(c)
         for v in order:
             toks, tps = runners[v]()
             speeds[v].append(tps)
+            shares[v].append(CPU_SHARE[-1])
             tokens[v] = toks
-        bws.append(bandwidth_gbs(big))
+        for b, c in [bandwidth_gbs(big)]:
+            bws.append(b)
+            bws_cpu.append(c)
         print(f"round {r + 1}: " + ", ".join(f"{v} {speeds[v][-1]:.1f}" for v in variants)
               + f"; bandwidth {bws[-2]:.1f}/{bws[-1]:.1f} GB/s", file=sys.stderr, flush=True)
     del big
-    bw = statistics.median(bws)
+    bw, bw_cpu = statistics.median(bws), statistics.median(bws_cpu)
     ref_key = "lit-fp32" if "lit-fp32" in tokens else None
     default = statistics.median(speeds["lit-default"]) if "lit-default" in speeds else None
     print(f"\n{datetime.date.today()}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, median read bandwidth {bw:.1f} GB/s (min {min(bws):.1f}, max {max(bws):.1f}); "
-          f"default precision here: {default_dtype}\n")
+          f"torch {torch.__version__}, median read bandwidth {bw:.1f} GB/s (min {min(bws):.1f}, max {max(bws):.1f}), "
+          f"{bw_cpu:.1f} GB/s per CPU second; default precision here: {default_dtype}\n")
     print("| variant | dtype | decode tok/s (median) | min-max | MB read/token | floor tok/s | % of floor | "
-          "vs lit-default | greedy tokens = lit-fp32 | setup + warm-up s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "vs lit-default | greedy tokens = lit-fp32 | CPU share | % of floor on-CPU | setup + warm-up s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for v in variants:
         med = statistics.median(speeds[v])
         floor = bw * 1e9 / nbytes[v]
         same = f"{sum(a == b for a, b in zip(tokens[v], tokens[ref_key]))}/{len(tokens[v])}" if ref_key else ""
         vs = f"{med / default:.2f}x" if default else ""
+        # tokens per CPU second over the floor per CPU second: what a quiet machine would show (1 thread only)
+        on_cpu = 100 * statistics.median(t / c for t, c in zip(speeds[v], shares[v])) / (bw_cpu * 1e9 / nbytes[v])
         rows.append(dict(variant=v, dtype=str(dtypes[v]), tok_s=med, all=speeds[v], mb=nbytes[v] / 1e6, floor=floor,
-                         pct_floor=100 * med / floor, setup_s=setup_s[v]))
+                         pct_floor=100 * med / floor, setup_s=setup_s[v], cpu_share=shares[v]))
         print(f"| {v} | {str(dtypes[v]).replace('torch.', '')} | {med:.1f} | {min(speeds[v]):.1f}-{max(speeds[v]):.1f} | "
-              f"{nbytes[v] / 1e6:.0f} | {floor:.0f} | {100 * med / floor:.0f}% | {vs} | {same} | {setup_s[v]:.0f} |")
-    return dict(bandwidth=bws, rows=rows)
+              f"{nbytes[v] / 1e6:.0f} | {floor:.0f} | {100 * med / floor:.0f}% | {vs} | {same} | "
+              f"{statistics.median(shares[v]):.2f} | {on_cpu:.0f}% | {setup_s[v]:.0f} |")
+    return dict(bandwidth=bws, bandwidth_cpu=bws_cpu, rows=rows)
 
 
 def truncated_draft(target: nn.Module, n_layers: int) -> nn.Module:
