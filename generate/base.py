@@ -63,10 +63,10 @@ def main(
         seed: Random seed for reproducible sampling (the same seed gives the same text).
         precision: Weights and compute dtype: 32-true, bf16-true or 16-true (default: bf16-true on GPUs and
             on CPUs with bf16 instructions, else 32-true).
-        compile: torch.compile the single-token decode step. One-time cost: about 1-3 minutes of compiling for a
-            135M model on a 2-core CPU before the first token (much less on later runs with the same shapes:
-            Inductor's cache in ~/.cache/litmodel/inductor); tokens are then up to ~2x faster than the default
-            eager path on CPU. Never done unless asked.
+        compile: torch.compile the single-token decode step. One-time cost before the first token: about 3-6
+            minutes for a 135M model on a 2-core CPU (measured 160-380 s), 0.5-3 minutes on later runs with the
+            same shapes (Inductor's cache in ~/.cache/litmodel/inductor); tokens are then ~1.5x faster than the
+            default eager path on CPU. Never done unless asked.
         quantize: Weight-only quantization of the linear layers: "int8" (per channel, about half bf16's memory)
             or "int4" (groupwise, about a quarter; computed in bf16).
         int4_group_size: Input columns per int4 scale/zero group: 32, 64, 128 or 256 (smaller: more accurate).

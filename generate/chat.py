@@ -59,10 +59,10 @@ def main(
         seed: Random seed for reproducible replies.
         precision: Weights and compute dtype: 32-true, bf16-true or 16-true (default: bf16-true on GPUs and
             on CPUs with bf16 instructions, else 32-true).
-        compile: torch.compile the single-token decode step. One-time cost: about 1-3 minutes of compiling for a
-            135M model on a 2-core CPU before the first reply, again for each new cache length (much less on later
-            runs: Inductor's cache in ~/.cache/litmodel/inductor); tokens are then up to ~2x faster than the
-            default eager path on CPU. Never done unless asked.
+        compile: torch.compile the single-token decode step. One-time cost before the first reply, again for
+            each new cache length (multiples of 256 tokens): about 3-6 minutes for a 135M model on a 2-core CPU
+            (measured 160-380 s), 0.5-3 minutes on later runs (Inductor's cache in ~/.cache/litmodel/inductor);
+            tokens are then ~1.5x faster than the default eager path on CPU. Never done unless asked.
         quantize: Weight-only quantization of the linear layers: "int8" (per channel) or "int4" (groupwise).
         int4_group_size: Input columns per int4 scale/zero group: 32, 64, 128 or 256 (smaller: more accurate).
         device: auto (cuda if available, else cpu), cpu, cuda or cuda:N.
