@@ -72,7 +72,8 @@ def main(
         int4_group_size: Input columns per int4 scale/zero group: 32, 64, 128 or 256 (smaller: more accurate).
         draft_checkpoint_dir: Speculative decoding: a small model with the same tokenizer (e.g. SmolLM2-135M
             for SmolLM2-360M) that proposes --speculative_k tokens per round; the output keeps the target's
-            distribution (greedy: exactly the target's tokens). Prints the acceptance rate.
+            distribution (greedy: the target's tokens; exactly so in fp32, bf16 rounding can flip near-ties).
+            Prints the acceptance rate and the speed-up.
         speculative_k: Draft tokens proposed per round (>= 1) with --draft_checkpoint_dir.
         device: auto (cuda if available, else cpu), cpu, cuda or cuda:N.
         accelerator: Alias of --device (cpu, cuda, gpu or auto); overrides it when given.
