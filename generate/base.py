@@ -79,7 +79,7 @@ def main(
         accelerator: Alias of --device (cpu, cuda, gpu or auto); overrides it when given.
     """
     check_sampling(temperature, top_k, top_p)
-    if draft_checkpoint_dir is not None and speculative_k < 1:
+    if speculative_k < 1:
         raise LitModelError(f"--speculative_k must be >= 1 (draft tokens per round), got {speculative_k}")
     if num_samples < 1:
         raise LitModelError(f"--num_samples must be >= 1, got {num_samples}")
