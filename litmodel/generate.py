@@ -27,7 +27,7 @@ import torch.nn as nn
 from litmodel.utils import LitModelError
 
 PRECISIONS = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
-QUANTIZE_MODES = ("int8",)
+QUANTIZE_MODES = ("int8", "int4")
 
 
 # ---- sampling --------------------------------------------------------------------------------------
@@ -94,20 +94,27 @@ def _decode_one_token(model: nn.Module, idx: torch.Tensor, input_pos: torch.Tens
     return model(idx, input_pos, positions=positions, mask=mask)[:, -1]
 
 
-def make_decode_step(model: nn.Module, compile: bool = False, mode: str | None = None) -> DecodeStep:
+def make_decode_step(model: nn.Module, compile: bool = False, mode: str | None = None,
+                     cuda_graph: bool | None = None) -> DecodeStep:
     """The single-token decode step ``step(idx, input_pos, positions, mask) -> logits (B, V)``.
 
     With ``compile=True`` it is `torch.compile`d with static shapes and ``fullgraph=True`` (gpt-fast style):
     the KV cache has a fixed length and the step always sees (B, 1) tokens, so it compiles once per cache
-    shape. ``mode`` defaults to "reduce-overhead" (CUDA graphs) on CUDA and the default mode on CPU.
+    shape (Inductor's on-disk cache makes later runs faster, see `enable_compile_cache`). ``mode`` defaults
+    to "reduce-overhead" (CUDA graphs) on CUDA and the default mode on CPU. Without compiling, on CUDA
+    (``cuda_graph`` None or True) the eager step is captured once per shape into a CUDA graph
+    (`CUDAGraphStep`).
     """
 
     def step(idx, input_pos, positions=None, mask=None):
         return _decode_one_token(model, idx, input_pos, positions, mask)
 
-    if not compile:
-        return step
     device = next(model.parameters(), torch.empty(0)).device
+    if not compile:
+        if device.type == "cuda" and cuda_graph is not False:
+            return CUDAGraphStep(model)
+        return step
+    enable_compile_cache()
     if mode is None:
         mode = "reduce-overhead" if device.type == "cuda" else None
     options = None
@@ -116,6 +123,77 @@ def make_decode_step(model: nn.Module, compile: bool = False, mode: str | None =
         # blocks of a matrix-vector product) instead of recomputing it for every weight row: ~15% faster
         options = {"realize_reads_threshold": 1}
     return torch.compile(step, mode=mode, fullgraph=True, dynamic=False, options=options)
+
+
+def enable_compile_cache(cache_dir: str | Path | None = None) -> Path:
+    """Keep Inductor's compiled kernels and FX graphs on disk (default ``~/.cache/litmodel/inductor``, or
+    $TORCHINDUCTOR_CACHE_DIR when set), so that a later run with the same model shape skips most of the
+    compile work."""
+    path = Path(cache_dir or os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+                or Path.home() / ".cache" / "litmodel" / "inductor")
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    return path
+
+
+class CUDAGraphStep:
+    """The eager decode step captured into a CUDA graph, once per (batch, cache, mask) shape, then replayed:
+    one launch per token instead of hundreds (what makes batch-1 decoding bandwidth-bound on a GPU).
+
+    Inputs are copied into static buffers before each replay; the KV cache is static, so the captured
+    kernels write it in place. NOT TESTED in this repository's CI (no GPU): if capturing fails, it warns
+    once and runs the eager step instead.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.graphs: dict = {}
+        self.failed = False
+
+    def _eager(self, idx, input_pos, positions=None, mask=None):
+        return _decode_one_token(self.model, idx, input_pos, positions, mask)
+
+    def __call__(self, idx, input_pos, positions=None, mask=None):
+        if self.failed:
+            return self._eager(idx, input_pos, positions, mask)
+        cache = self.model.blocks[0].attn.kv_cache if len(self.model.blocks) else None
+        key = (tuple(idx.shape), None if positions is None else tuple(positions.shape),
+               None if mask is None else tuple(mask.shape), None if cache is None else cache.k.data_ptr())
+        entry = self.graphs.get(key)
+        if entry is None:
+            try:
+                entry = self._capture(idx, input_pos, positions, mask)
+            except Exception as err:  # pragma: no cover - CUDA only
+                import warnings
+
+                warnings.warn(f"CUDA graph capture of the decode step failed ({err}); decoding eagerly")
+                self.failed = True
+                return self._eager(idx, input_pos, positions, mask)
+            self.graphs[key] = entry
+        graph, static, out = entry
+        for name, value in (("idx", idx), ("input_pos", input_pos), ("positions", positions), ("mask", mask)):
+            if value is not None:
+                static[name].copy_(value)
+        graph.replay()
+        return out.clone()
+
+    def _capture(self, idx, input_pos, positions, mask):  # pragma: no cover - CUDA only
+        static = {"idx": idx.clone(), "input_pos": input_pos.clone(),
+                  "positions": None if positions is None else positions.clone(),
+                  "mask": None if mask is None else mask.clone()}
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the graph (rewrites the same cache slot)
+            for _ in range(2):
+                self._eager(**static)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self._eager(**static)
+        return graph, static, out
 
 
 # ---- generation ----------------------------------------------------------------------------------------
@@ -404,7 +482,10 @@ def resolve_precision(precision: str | None, device: torch.device) -> torch.dtyp
     if precision is None:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16
+        from litmodel.quantize import _native_half_matmul
+
+        # bf16 halves the bytes read per token, but CPUs without bf16 instructions (AVX2) compute it ~10x slower
+        return torch.bfloat16 if _native_half_matmul(torch.bfloat16) else torch.float32
     if precision not in PRECISIONS:
         raise LitModelError(f"unknown --precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     return PRECISIONS[precision]
@@ -440,12 +521,15 @@ def load_tokenizer(checkpoint_dir: str | Path):
 
 
 def setup_generation(checkpoint_dir: str | Path, device: str | None = "auto", precision: str | None = None,
-                     quantize: str | None = None, compile: bool = False, fast_decode: bool = True) -> Generation:
+                     quantize: str | None = None, compile: bool = False, fast_decode: bool = True,
+                     int4_group_size: int = 64) -> Generation:
     """Load a checkpoint dir for generation (shared by `generate/base.py` and `generate/chat.py`).
 
     Extra files in the dir (a merged LoRA's ``lora.safetensors`` / ``lora_config.yaml``) are ignored.
-    ``fast_decode``: prepare the linear layers for batch-1 decoding (`litmodel.quantize.optimize_for_decode`:
-    fused matrix-vector kernels when compiled, column-major float32 weights for MKL when eager on CPU).
+    ``fast_decode``: prepare the model for batch-1 decoding: eager on CPU, the module swap of
+    `litmodel.fast_decode.prepare_fast_decode` (oneDNN-packed weights, a cheaper one-token attention);
+    with ``compile``, `litmodel.quantize.optimize_for_decode` (fused matrix-vector kernels). On CUDA the
+    decode step is a CUDA graph (see `make_decode_step`).
     """
     from litmodel.checkpoint import check_checkpoint_dir, load_config, load_model
 
@@ -458,16 +542,33 @@ def setup_generation(checkpoint_dir: str | Path, device: str | None = "auto", pr
     tokenizer = load_tokenizer(d)
     config = load_config(d)
     model = load_model(d, device=dev, dtype=dtype, config=config)
+    model = prepare_model(model, quantize, compile, fast_decode, int4_group_size)
+    step = make_decode_step(model, compile=compile)
+    return Generation(model, tokenizer, config, dev, dtype, step, compile, quantize, time.perf_counter() - t0)
+
+
+def prepare_model(model: nn.Module, quantize: str | None = None, compile: bool = False, fast_decode: bool = True,
+                  int4_group_size: int = 64) -> nn.Module:
+    """Quantize (``int8``/``int4``) and/or swap in the fast decode modules; returns the model to use."""
     if quantize == "int8":
         from litmodel.quantize import quantize_int8
 
         quantize_int8(model)
-    elif fast_decode:
-        from litmodel.quantize import optimize_for_decode
+    elif quantize == "int4":
+        from litmodel.int4 import quantize_int4
 
-        optimize_for_decode(model, compiled=compile)
-    step = make_decode_step(model, compile=compile)
-    return Generation(model, tokenizer, config, dev, dtype, step, compile, quantize, time.perf_counter() - t0)
+        quantize_int4(model, int4_group_size)
+    if not fast_decode or _model_device(model).type != "cpu":
+        return model
+    if compile:
+        if quantize is None:
+            from litmodel.quantize import optimize_for_decode
+
+            optimize_for_decode(model, compiled=True)
+        return model
+    from litmodel.fast_decode import prepare_fast_decode
+
+    return prepare_fast_decode(model, pack_linears=quantize is None)
 
 
 def warmup(gen: Generation, max_seq_length: int, prompt_len: int = 2) -> None:
@@ -500,7 +601,7 @@ def model_bytes(model: nn.Module) -> int:
     """Bytes of the model's weights (parameters and persistent buffers; a tied tensor counted once)."""
     seen, total = set(), 0
     for t in list(model.parameters()) + [b for n, b in model.named_buffers() if "kv_cache" not in n]:
-        key = (t.untyped_storage().data_ptr(), t.data_ptr())
+        key = ("mkldnn", id(t)) if t.is_mkldnn else (t.untyped_storage().data_ptr(), t.data_ptr())
         if key in seen:
             continue
         seen.add(key)
@@ -520,6 +621,11 @@ class Timer:
         if self.first is None:
             self.first = time.perf_counter()
         self.n += 1
+
+    def tokens_per_second(self) -> float:
+        """Decode speed after the first token (nan before the second)."""
+        decode = time.perf_counter() - self.first if self.first is not None else 0.0
+        return (self.n - 1) / decode if self.n > 1 and decode > 0 else float("nan")
 
     def report(self, device: torch.device) -> str:
         end = time.perf_counter()

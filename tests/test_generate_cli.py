@@ -204,7 +204,7 @@ def test_chat_drops_the_oldest_turns_when_the_context_is_full(ckpt, tmp_path, ca
     (["--max_new_tokens", "500"], "--max_new_tokens 500 does not fit the model's context of 128"),
     (["--max_new_tokens", "100", "--prompt", "Hello world! How are you today? " * 3], "exceed the model's context of 128"),
     (["--prompt", "Hello world! How are you today? " * 30], "more than the model's context of 128 tokens"),
-    (["--quantize", "int4"], "quantize"),
+    (["--quantize", "int2"], "quantize"),
     (["--precision", "64-true"], "precision"),
 ])
 def test_base_bad_input_one_line_error(ckpt, args, message, capsys):
@@ -247,3 +247,30 @@ def test_help_explains_every_flag(capsys):
         for flag in flags:
             assert flag in out, (script, flag)
         assert "Sampling temperature" in out
+
+
+# ---- speed paths: int4, speculative decoding (issue 18) -------------------------------------------------------
+def test_base_int4_and_speculative_decoding(ckpt, tmp_path, capsys):
+    """--quantize int4 runs; --draft_checkpoint_dir gives exactly the target's greedy text and prints the
+    acceptance rate; bad drafts and --speculative_k 0 are one-line errors."""
+    base = ["--prompt", "The quick", "--max_new_tokens", "12", "--temperature", "0", "--precision", "32-true"]
+    code, plain, err = call("base", ["--checkpoint_dir", str(ckpt), *base], capsys)
+    assert code == 0, err
+    code, spec, err = call("base", ["--checkpoint_dir", str(ckpt), *base, "--draft_checkpoint_dir", str(ckpt),
+                                    "--speculative_k", "3"], capsys)
+    assert code == 0, err
+    assert spec == plain and "draft tokens accepted (100%)" in err and "x the target alone" in err
+    code, q, err = call("base", ["--checkpoint_dir", str(ckpt), *base, "--quantize", "int4",
+                                 "--int4_group_size", "32"], capsys)
+    assert code == 0 and q.strip() and "int4" in err, err
+    code, _, err = call("base", ["--checkpoint_dir", str(ckpt), *base, "--draft_checkpoint_dir", str(ckpt),
+                                 "--speculative_k", "0"], capsys)
+    assert code != 0 and err.startswith("error: ") and "--speculative_k must be >= 1" in err
+    # a draft with another vocabulary (same tokenizer files, a bigger embedding)
+    from litmodel.checkpoint import load_config
+
+    cfg = load_config(ckpt)
+    other_cfg = Config(**{**cfg.to_dict(), "vocab_size": cfg.vocab_size + 16, "padded_vocab_size": None})
+    other = save_checkpoint_dir(tmp_path / "other", build_model(other_cfg).eval(), other_cfg, tokenizer_dir=ckpt)
+    code, _, err = call("base", ["--checkpoint_dir", str(ckpt), *base, "--draft_checkpoint_dir", str(other)], capsys)
+    assert code != 0 and err.startswith("error: ") and "vocabulary" in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,284 @@
+"""Inference speed paths: the fast eager decode swap (same tokens and logits as the plain model, both
+families, batched and left-padded), int4 weights (kernel == the packing format's reference, quality),
+speculative decoding (greedy == plain greedy for k = 1..6; the sampled acceptance rule keeps the target
+distribution) and their one-line errors."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from litmodel import Config, build_model
+from litmodel.fast_decode import DecodeAttention, FusedRMSNorm, PackedLinear, prepare_fast_decode
+from litmodel.generate import generate, generate_batch, model_bytes, prepare_model
+from litmodel.int4 import Int4Linear, dequantize_int4, quantize_groupwise_int4, quantize_int4
+from litmodel.speculative import SpeculativeStats, accept_or_resample, check_draft, speculative_generate
+from litmodel.utils import LitModelError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(arch: str = "llama", std: float = 0.3, seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    if arch == "llama":
+        cfg = Config(name="tiny", block_size=64, vocab_size=96, n_layer=2, n_head=4, n_query_groups=2, n_embd=64,
+                     intermediate_size=128, **kw)
+    else:  # GPT-NeoX: partial rotary, parallel residual, biases, LayerNorm
+        cfg = Config(name="tiny-neox", model_type="gpt_neox", block_size=64, vocab_size=96, n_layer=2, n_head=4,
+                     n_embd=64, intermediate_size=128, bias=True, parallel_residual=True, rotary_percentage=0.25,
+                     **kw)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, std)
+            else:  # norm weights and biases away from 1 and 0
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+# ---- fast eager decode ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("llama", True), ("gpt", False)])
+def test_fast_decode_same_tokens_and_logits(arch, tied):
+    model = tiny(arch, tie_embeddings=tied)
+    fast = prepare_fast_decode(copy.deepcopy(model))
+    assert all(type(m) is not torch.nn.Linear for m in fast.modules())
+    assert isinstance(fast.blocks[0].attn, DecodeAttention) and isinstance(fast.blocks[0].attn.qkv, PackedLinear)
+    if arch == "llama":
+        assert isinstance(fast.blocks[0].norm_1, FusedRMSNorm)
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13]]  # left-padded batch
+    assert generate_batch(fast, prompts, 16, temperature=0) == generate_batch(model, prompts, 16, temperature=0)
+    assert list(generate(fast, prompts[0], 16, temperature=0.9, top_k=20, seed=3)) == \
+        list(generate(model, prompts[0], 16, temperature=0.9, top_k=20, seed=3))
+    # logits of a prefill and of single-token decode steps (with per-row positions and a padding mask)
+    from litmodel.generate import _positions, padding_mask
+
+    for m in (model, fast):
+        m.set_kv_cache(2, 24)
+    idx = torch.randint(0, 96, (2, 6))
+    pads = torch.tensor([0, 2])
+    with torch.no_grad():
+        slots = torch.arange(6)
+        kw = dict(positions=_positions(pads, slots), mask=padding_mask(pads, 6, 24, slots))
+        outs = [m(idx, slots, **kw) for m in (model, fast)]
+        assert torch.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+        for t in range(6, 10):
+            tok = torch.randint(0, 96, (2, 1))
+            pos = torch.tensor([t])
+            kw = dict(positions=(pos - pads)[:, None], mask=padding_mask(pads, 1, 24, torch.tensor([-1])))
+            a, b = (m(tok, pos, **kw) for m in (model, fast))
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a - b).abs().max()
+
+
+def test_fast_decode_bf16_and_weight_sharing():
+    model = tiny(tie_embeddings=True)
+    fast = prepare_fast_decode(copy.deepcopy(model))
+    assert fast.wte.weight is not None and model_bytes(fast) > 0
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    fast16 = prepare_fast_decode(copy.deepcopy(bf16))
+    x = torch.randint(0, 96, (1, 9))
+    with torch.no_grad():
+        ref, a, b = model(x), bf16(x).float(), fast16(x).float()
+    err_bf16 = ((a - ref).norm() / ref.norm()).item()
+    assert ((b - ref).norm() / ref.norm()).item() < 1.5 * err_bf16  # bf16 rounding, in other places
+    # int8 / int4 models: attention and norms are swapped, the quantized linears stay
+    q = prepare_model(copy.deepcopy(model), quantize="int4", int4_group_size=32)
+    assert isinstance(q.blocks[0].attn, DecodeAttention) and isinstance(q.blocks[0].attn.qkv, Int4Linear)
+
+
+# ---- int4 --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_kernel_equals_the_packing_format(group_size):
+    """The fused kernel computes x @ W^T for W = (q - 8) * scale + zero per group, in bf16."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 48, bias=True)
+    q, sz = quantize_groupwise_int4(lin.weight, group_size)
+    assert q.min() >= 0 and q.max() <= 15 and sz.shape == (256 // group_size, 48, 2)
+    layer = Int4Linear(lin, group_size)
+    w_ref = dequantize_int4(q, layer.scales_and_zeros, group_size)  # scales/zeros as stored (bf16)
+    # one-hot rows read single weights out of the packed matrix: the kernel's unpacking is the format's
+    eye = torch.eye(256)
+    cols = (layer(eye) - layer.bias).float()
+    assert torch.allclose(cols, w_ref.t().bfloat16().float(), rtol=1e-2, atol=1e-3)
+    x = torch.randn(5, 256)
+    ref = x.bfloat16().float() @ w_ref.t() + lin.bias
+    out = layer(x)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, ref, rtol=2e-2, atol=2e-2), (out - ref).abs().max()
+    # and the quantization is close to the float weights (at most half a step per group)
+    step = sz[..., 0].t().repeat_interleave(group_size, dim=1)
+    assert ((dequantize_int4(q, sz, group_size) - lin.weight).abs() <= step / 2 + 1e-6).all()
+
+
+def test_int4_unsupported_widths_fall_back_with_a_log_line(caplog):
+    torch.manual_seed(0)
+    cfg = Config(name="odd", block_size=32, vocab_size=90, n_layer=1, n_head=2, n_embd=64, intermediate_size=96)
+    model = build_model(cfg).eval()
+    with caplog.at_level("WARNING"):
+        quantize_int4(model, 64)
+    # vocab 90 (not a multiple of 16) and the MLP's 96 input columns (not a multiple of 64) stay as they are
+    assert type(model.lm_head) is torch.nn.Linear and type(model.blocks[0].mlp.proj) is torch.nn.Linear
+    assert isinstance(model.blocks[0].attn.qkv, Int4Linear)
+    assert "lm_head (90x64)" in caplog.text and "blocks.0.mlp.proj (64x96)" in caplog.text
+    with pytest.raises(LitModelError, match="int4_group_size"):
+        quantize_int4(model, 48)
+
+
+def _train_briefly(model, data, steps=120, lr=3e-3, bs=8, T=32):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        i = torch.randint(0, len(data) - T - 1, (bs,), generator=g)
+        x = torch.stack([data[j:j + T] for j in i])
+        y = torch.stack([data[j + 1:j + T + 1] for j in i])
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def _perplexity(model, data, T=32):
+    n = (len(data) - 1) // T * T
+    x, y = data[:n].view(-1, T), data[1:n + 1].view(-1, T)
+    with torch.no_grad():
+        return math.exp(torch.nn.functional.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()).item())
+
+
+def test_int4_perplexity_close_to_float():
+    """A small Llama trained briefly on a synthetic language with structure (a noisy Markov chain), then
+    quantized: int4 (group 32) perplexity on held-out text within 5% of the float32 and bf16 models'."""
+    torch.manual_seed(0)
+    V = 64
+    trans = torch.softmax(torch.randn(V, V) * 3, dim=-1)  # peaked next-token distributions
+    seq = [0]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(12000):
+        seq.append(int(torch.multinomial(trans[seq[-1]], 1, generator=g)))
+    data = torch.tensor(seq)
+    train, held_out = data[:10000], data[10000:]
+    cfg = Config(name="ppl", block_size=64, vocab_size=V, n_layer=2, n_head=4, n_query_groups=2, n_embd=64,
+                 intermediate_size=128)
+    model = build_model(cfg)
+    model.init_weights()
+    _train_briefly(model, train)
+    ppl32 = _perplexity(model, held_out)
+    ppl16 = _perplexity(copy.deepcopy(model).to(torch.bfloat16), held_out)
+    ppl4 = _perplexity(quantize_int4(copy.deepcopy(model), 32), held_out)
+    print(f"\nheld-out perplexity: fp32 {ppl32:.3f}, bf16 {ppl16:.3f}, int4 g32 {ppl4:.3f} "
+          f"({100 * (ppl4 / ppl32 - 1):+.2f}% vs fp32)")
+    assert ppl32 < 0.6 * V  # it learned something
+    assert ppl4 < 1.05 * ppl32 and ppl4 < 1.05 * ppl16
+
+
+# ---- speculative decoding ------------------------------------------------------------------------------
+def _perturbed(model, scale, seed=1):
+    d = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in d.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * p.std().clamp(min=1e-3))
+    return d
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6])
+def test_speculative_greedy_equals_plain_greedy(k):
+    target = tiny(std=0.3)
+    prompt = [3, 1, 4, 1, 5]
+    ref = list(generate(target, prompt, 24, temperature=0))
+    often = _perturbed(target, 0.02)  # agrees on most tokens
+    never = tiny(std=0.3, seed=7)  # an unrelated model
+    rates = {}
+    for name, draft in (("often", often), ("never", never), ("self", target)):
+        stats = SpeculativeStats()
+        out = list(speculative_generate(target, copy.deepcopy(draft) if draft is target else draft, prompt, 24,
+                                        k=k, temperature=0, stats=stats))
+        assert out == ref, name
+        rates[name] = stats.acceptance_rate
+    print(k, rates)
+    assert rates["self"] == 1.0 and rates["often"] > 0.4 and rates["never"] < rates["often"]
+    # a never-agreeing draft: force it by a draft that always proposes the same token
+    const = copy.deepcopy(target)
+    with torch.no_grad():
+        const.lm_head.weight.zero_()
+        const.lm_head.weight[95] = 0  # all logits equal -> argmax 0; target's greedy tokens avoid 0 below
+    stats = SpeculativeStats()
+    assert list(speculative_generate(target, const, prompt, 24, k=k, temperature=0, stats=stats)) == ref
+    if 0 not in ref:
+        assert stats.accepted == 0
+
+
+def test_speculative_stops_and_fast_models():
+    target = tiny(std=0.3)
+    prompt = [3, 1, 4, 1, 5]
+    ref = list(generate(target, prompt, 20, temperature=0))
+    stop = ref[7]
+    want = ref[:ref.index(stop)]
+    fast_t = prepare_fast_decode(copy.deepcopy(target))
+    fast_d = prepare_fast_decode(_perturbed(target, 0.05))
+    assert list(speculative_generate(fast_t, fast_d, prompt, 20, k=4, temperature=0, stop_tokens=[stop])) == want
+    # sampling with a seed is reproducible
+    a = list(speculative_generate(target, fast_d, prompt, 20, k=3, temperature=1.0, top_k=30,
+                                  generator=torch.Generator().manual_seed(5)))
+    b = list(speculative_generate(target, fast_d, prompt, 20, k=3, temperature=1.0, top_k=30,
+                                  generator=torch.Generator().manual_seed(5)))
+    assert a == b and len(a) == 20
+
+
+def test_acceptance_rule_keeps_the_target_distribution():
+    """The first and second emitted tokens of a round follow p (total variation within sampling noise over
+    20k rounds on a 6-token vocabulary), for a draft distribution q far from p."""
+    g = torch.Generator().manual_seed(0)
+    V, k, N = 6, 2, 20000
+    p = torch.softmax(torch.randn(k + 1, V, generator=g) * 1.5, -1)
+    q = torch.softmax(p.log()[:k] + torch.randn(k, V, generator=g), -1)
+    drafts = torch.stack([torch.multinomial(q[i], N, replacement=True, generator=g) for i in range(k)], 1)
+    first = torch.zeros(V)
+    second = torch.zeros(V)
+    for d in drafts:
+        n, nxt = accept_or_resample(p, q, d, g)
+        emitted = d[:n].tolist() + [nxt]
+        first[emitted[0]] += 1
+        if len(emitted) > 1:
+            second[emitted[1]] += 1
+    tv1 = 0.5 * (first / first.sum() - p[0]).abs().sum().item()
+    tv2 = 0.5 * (second / second.sum() - p[1]).abs().sum().item()
+    tv_q = 0.5 * (q[0] - p[0]).abs().sum().item()
+    print(f"\nTV(first, p0) {tv1:.4f} over {N}, TV(second, p1) {tv2:.4f} over {int(second.sum())}; TV(q0, p0) {tv_q:.3f}")
+    # sampling noise: E[TV] ~ 0.4 * sum sqrt(p(1-p)/n) ~ 0.005 for n = 20k, ~0.01 for the second token
+    assert tv_q > 0.15 and tv1 < 0.015 and tv2 < 0.025
+
+
+def test_speculative_bad_input():
+    target = tiny()
+    with pytest.raises(LitModelError, match="speculative_k"):
+        check_draft(target.config, target.config, 0)
+    other = Config(name="x", block_size=64, vocab_size=128, n_layer=1, n_head=2, n_embd=32)
+    with pytest.raises(LitModelError, match="vocabulary"):
+        check_draft(target.config, other, 4)
+    with pytest.raises(LitModelError, match="speculative_k"):
+        list(speculative_generate(target, target, [1, 2], 4, k=0))
+
+
+def test_no_silent_compile_and_a_persistent_compile_cache(tmp_path, monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    from litmodel.generate import enable_compile_cache, make_decode_step
+
+    model = prepare_model(tiny())
+    step = make_decode_step(model)  # the default: a plain function, nothing compiled
+    assert not hasattr(step, "_torchdynamo_orig_callable") and step.__name__ == "step"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    assert enable_compile_cache() == tmp_path / "inductor" and (tmp_path / "inductor").is_dir()
+    assert inductor_config.fx_graph_cache
