@@ -29,8 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from litmodel.layers import CausalSelfAttention, apply_rope
-from litmodel.llama import RMSNorm
+from litmodel.layers import CausalSelfAttention, RMSNorm, apply_rope
 from litmodel.quantize import DecodeLinear, _native_half_matmul
 
 
@@ -118,17 +117,26 @@ class DecodeAttention(CausalSelfAttention):
         nn.Module.__init__(self)
         self.n_head, self.n_kv_heads, self.head_size = attn.n_head, attn.n_kv_heads, attn.head_size
         self.qkv, self.proj, self.kv_cache = attn.qkv, attn.proj, attn.kv_cache
+        self.qk_norm, self.scale, self.softcap = attn.qk_norm, attn.scale, attn.softcap
+        if attn.qk_norm is not None:
+            self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
         self.step = step or StepCache()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
                 mask: torch.Tensor | None, input_pos: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
         if T != 1 or input_pos is None or input_pos.shape != (1,) or mask is None or self.kv_cache is None \
-                or mask.dtype != torch.bool:  # anything but one shared cache slot: the general path
+                or mask.dtype != torch.bool or self.softcap is not None:  # the general path for anything else
             return super().forward(x, cos, sin, mask, input_pos)
         H, G, hs = self.n_head, self.n_kv_heads, self.head_size
-        qkv = self.qkv(x).view(B, H + 2 * G, 1, hs)
+        qkv = self.qkv(x)
+        if self.qk_norm == "full":  # OLMo 2: RMSNorm over the whole q and k projections
+            q, k, v = qkv.split((H * hs, G * hs, G * hs), dim=-1)
+            qkv = torch.cat((self.q_norm(q), self.k_norm(k), v), dim=-1)
+        qkv = qkv.view(B, H + 2 * G, 1, hs)
         qk, v = qkv[:, :H + G], qkv[:, H + G:]
+        if self.qk_norm == "head":  # Qwen3, Gemma 3: RMSNorm of each q and k head
+            qk = torch.cat((self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])), dim=1)
         if cos is not None:
             qk = self.step.rope(qk, cos, sin)  # q and k heads together: one rotation
         q, k = qk[:, :H], qk[:, H:]
@@ -141,7 +149,7 @@ class DecodeAttention(CausalSelfAttention):
         keys, values, mask = cache.k[:, :, :L], cache.v[:, :, :L], self.step.prefix_mask(mask, L)
         if q.dtype != torch.float32:  # bf16/fp16 SDPA for one query is ~5x slower than fp32 on CPU
             q, keys, values = q.float(), keys.float(), values.float()
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=H != G)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=H != G, scale=self.scale)
         return self.proj(y.to(x.dtype).reshape(B, 1, H * hs))
 
 
@@ -179,7 +187,7 @@ def prepare_fast_decode(model: nn.Module, pack_linears: bool = True) -> nn.Modul
     def swap(child: nn.Module):
         if isinstance(child, CausalSelfAttention) and not isinstance(child, DecodeAttention):
             return DecodeAttention(child, step)
-        if type(child) is RMSNorm:
+        if type(child) is RMSNorm and not child.unit_offset:  # Gemma's (1 + w) norms stay as they are
             return FusedRMSNorm(child)
         return None
 

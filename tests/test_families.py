@@ -7,6 +7,7 @@ KV cache past the sliding window, greedy generation with and without the cache e
 transformers' `generate`, and a LoRA step.
 """
 
+import copy
 import json
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from safetensors.torch import load_file
 from litmodel import build_model
 from litmodel.checkpoint import load_config, load_model
 from litmodel.config import Config
+from litmodel.fast_decode import prepare_fast_decode
 from litmodel.generate import generate_tokens
 from litmodel.hf import convert_hf_checkpoint, convert_lit_checkpoint
 from litmodel.llama import MoE, router_aux_loss
@@ -183,6 +185,25 @@ def test_greedy_generation_matches_transformers_generate(family):
     for cache in (True, False):
         out = torch.stack(list(generate_tokens(lit, prompt, n_new, temperature=0.0, use_kv_cache=cache)))[:, 0]
         assert out.tolist() == ref.tolist(), (kind, cache)
+
+
+@torch.no_grad()
+def test_fast_decode_path_matches_transformers(family):
+    """The default generation path (litmodel.fast_decode's module swap) keeps every family's options."""
+    kind, hf, lit, _ = family
+    if kind == "phi4-longrope":
+        pytest.skip("LongRoPE changes every position's rotation once the sequence passes the original context")
+    fast = prepare_fast_decode(copy.deepcopy(lit))
+    idx = torch.randint(0, VOCAB, (2, SEQ))
+    fast.set_kv_cache(2, SEQ + 3)
+    outs = [fast(idx[:, :5], torch.arange(5))]
+    outs += [fast(idx[:, t: t + 1], torch.tensor([t])) for t in range(5, SEQ)]  # one token per step: the fast path
+    assert (torch.cat(outs, dim=1) - hf(idx).logits).abs().max().item() <= ATOL, kind
+    fast.clear_kv_cache()
+    prompt = torch.randint(3, VOCAB, (1, 6))
+    ref = hf.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 6:]
+    out = torch.stack(list(generate_tokens(fast, prompt, 10, temperature=0.0)))[:, 0]
+    assert out.tolist() == ref.tolist(), kind
 
 
 def test_lora_finetune_step(family):
