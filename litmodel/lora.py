@@ -29,11 +29,12 @@ The forward pass computes ``a = dropout(x) @ lora_A.T * scaling`` once, then per
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -48,7 +49,8 @@ TARGETS = ("query", "key", "value", "projection", "mlp", "head")
 _QKV = ("query", "key", "value")
 
 __all__ = [
-    "LORA_CONFIG_FILE", "LORA_WEIGHTS_FILE", "TARGETS", "LoRAConfig", "LoRALinear", "apply_lora", "load_lora",
+    "LORA_CONFIG_FILE", "LORA_WEIGHTS_FILE", "TARGETS", "LoRAConfig", "LoRALinear", "apply_lora", "disable_adapters",
+    "load_lora",
     "lora_modules", "lora_state_dict", "mark_only_lora_as_trainable", "merge_lora", "save_lora",
 ]
 
@@ -153,6 +155,7 @@ class LoRALinear(nn.Module):
         factory = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(n_enabled * r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(enabled_rows, r, **factory))
+        self.disabled = False  # set by `disable_adapters`: the base layer alone (e.g. DPO's reference model)
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -166,6 +169,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
+        if self.disabled:
+            return out
         h = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
         a = F.linear(h, self.lora_A.to(x.dtype)) * self.scaling  # (..., n_enabled * r)
         B = self.lora_B.to(x.dtype)
@@ -263,6 +268,21 @@ def apply_lora(model: nn.Module, targets: str | Iterable[str] = ("query", "value
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block every `LoRALinear` computes its base layer alone, so ``model`` is the untouched base
+    model (no copy: DPO's reference model under LoRA). Works inside FSDP/DDP wrappers; restored on exit."""
+    mods = list(lora_modules(model).values())
+    before = [m.disabled for m in mods]
+    for m in mods:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, was in zip(mods, before):
+            m.disabled = was
 
 
 def _is_lora_name(name: str) -> bool:

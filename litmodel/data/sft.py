@@ -77,6 +77,16 @@ __all__ = [
 def load_records(json_path: str | os.PathLike) -> list[dict]:
     """The validated records of a ``.json`` (list) or ``.jsonl`` file; one-line errors otherwise."""
     path = Path(json_path)
+    records = read_records(path, "add Alpaca records (instruction, input, output) or chat records (messages)")
+    for i, rec in enumerate(records):
+        _check_record(rec, i, path)
+    return records
+
+
+def read_records(json_path: str | os.PathLike, what: str) -> list:
+    """The records of a ``.json`` (list) or ``.jsonl`` file, unchecked; one-line errors for a missing, unreadable
+    or empty file (``what``: how to fill an empty one)."""
+    path = Path(json_path)
     suffix = path.suffix.lower()
     if suffix not in (".json", ".jsonl"):
         raise LitModelError(f"unknown data file format {path.suffix or path.name!r} ({path}); pass a .json file "
@@ -105,11 +115,24 @@ def load_records(json_path: str | os.PathLike) -> list[dict]:
                 raise LitModelError(f"{path} line {lineno} is not valid JSON ({err.msg}); "
                                     "a .jsonl file needs one JSON object per line") from None
     if not records:
-        raise LitModelError(f"{path} contains no records; add Alpaca records (instruction, input, output) "
-                            "or chat records (messages)")
-    for i, rec in enumerate(records):
-        _check_record(rec, i, path)
+        raise LitModelError(f"{path} contains no records; {what}")
     return records
+
+
+def check_messages(msgs: Any, where: str, key: str = "messages") -> None:
+    """A non-empty list of ``{role, content}`` string objects with known roles, else a one-line error."""
+    if not isinstance(msgs, list) or not msgs:
+        raise LitModelError(f"{where}: '{key}' must be a non-empty list of {{role, content}} objects")
+    for j, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise LitModelError(f"{where}: {key}[{j}] is not an object; use {{\"role\": ..., \"content\": ...}}")
+        for field in ("role", "content"):
+            if field not in m:
+                raise LitModelError(f"{where}: {key}[{j}] is missing key {field!r}")
+            if not isinstance(m[field], str):
+                raise LitModelError(f"{where}: {key}[{j}].{field} must be a string, got {type(m[field]).__name__}")
+        if m["role"] not in ROLES:
+            raise LitModelError(f"{where}: {key}[{j}] has unknown role {m['role']!r}; use one of {', '.join(ROLES)}")
 
 
 def _check_record(rec: Any, i: int, path: Path) -> None:
@@ -119,20 +142,7 @@ def _check_record(rec: Any, i: int, path: Path) -> None:
                             "instruction/output keys (Alpaca) or a messages key (chat)")
     if "messages" in rec:
         msgs = rec["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise LitModelError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
-        for j, m in enumerate(msgs):
-            if not isinstance(m, dict):
-                raise LitModelError(f"{where}: messages[{j}] is not an object; use {{\"role\": ..., \"content\": ...}}")
-            for key in ("role", "content"):
-                if key not in m:
-                    raise LitModelError(f"{where}: messages[{j}] is missing key {key!r}")
-                if not isinstance(m[key], str):
-                    raise LitModelError(f"{where}: messages[{j}].{key} must be a string, got "
-                                        f"{type(m[key]).__name__}")
-            if m["role"] not in ROLES:
-                raise LitModelError(f"{where}: messages[{j}] has unknown role {m['role']!r}; use one of "
-                                    f"{', '.join(ROLES)}")
+        check_messages(msgs, where)
         if not any(m["role"] == "assistant" for m in msgs):
             raise LitModelError(f"{where} has no assistant message, so nothing to learn; add one or remove the record")
         return
@@ -399,6 +409,21 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
                            reduction=reduction)
 
 
+# ---- splitting ----------------------------------------------------------------------------------
+def split_indices(n: int, val_split_fraction: float, seed: int, source: str | os.PathLike) -> tuple[list[int], list[int]]:
+    """(train, validation) record indices: ``val_split_fraction`` of ``n`` (at least one when > 0 and n >= 2),
+    chosen by a ``seed``-ed shuffle (the same split every run), each list sorted."""
+    n_val = int(round(n * val_split_fraction))
+    if val_split_fraction > 0 and n_val == 0 and n >= 2:
+        n_val = 1
+    if n_val >= n:
+        raise LitModelError(f"{source}: {n} record(s) leave nothing for training with "
+                            f"val_split_fraction={val_split_fraction}; add records or lower it")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
 # ---- the data module -----------------------------------------------------------------------------
 class JSONData:
     """Instruction / chat finetuning data from one ``.json`` or ``.jsonl`` file (see the module doc).
@@ -434,16 +459,7 @@ class JSONData:
         self.max_seq_length = max_seq_length
         self.prompt_style = _resolve_prompt_style(tokenizer, self.prompt_style)
         records = load_records(self.json_path)
-        n = len(records)
-        n_val = int(round(n * self.val_split_fraction))
-        if self.val_split_fraction > 0 and n_val == 0 and n >= 2:
-            n_val = 1
-        if n_val >= n:
-            raise LitModelError(f"{self.json_path}: {n} record(s) leave nothing for training with "
-                                f"val_split_fraction={self.val_split_fraction}; add records or lower it")
-        order = list(range(n))
-        random.Random(self.seed).shuffle(order)
-        val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
+        train_idx, val_idx = split_indices(len(records), self.val_split_fraction, self.seed, self.json_path)
         src = str(self.json_path)
         self.train_dataset = SFTDataset([records[i] for i in train_idx], tokenizer, max_seq_length,
                                         self.prompt_style, source=src, record_ids=train_idx)
