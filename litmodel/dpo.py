@@ -22,12 +22,15 @@ Batch layout: a batch of ``B`` pairs is one forward of ``2B`` rows, the chosen a
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal, Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
+from litmodel.lora import disable_adapters
 from litmodel.utils import LitModelError
 
 IGNORE_INDEX = -100
@@ -132,3 +135,71 @@ def dpo_batch_sums(policy_logps: torch.Tensor, policy_tokens: torch.Tensor, ref_
                                                        label_smoothing)
     metrics = pair_metrics(chosen_rewards, rejected_rewards, policy[0], policy[1])
     return losses.sum(), {k: v.sum() for k, v in metrics.items()}
+
+
+# ---- the recipe's side of the training loop ------------------------------------------------------
+def count_pairs(batch: dict) -> int:
+    """`count_fn` of DPO: the pairs of a micro-batch (its rows are chosen + rejected)."""
+    return batch["input_ids"].shape[0] // 2
+
+
+class DPOObjective:
+    """`loss_fn(model, batch) -> (sum of the pair losses, sums of the METRICS)` of DPO for the shared loop.
+
+    The reference log-probs come from, in order: the batch (``ref_logps``, precomputed), ``ref_model`` (a frozen
+    copy, full finetuning), or the policy itself with its LoRA adapters disabled (no second copy). The reference
+    forward runs first, without gradients, on the unwrapped module (no DDP hooks; FSDP still gathers its shards),
+    under ``autocast`` (the Fabric's precision context).
+    """
+
+    def __init__(self, args: DPOArgs, ref_model: Optional[nn.Module] = None,
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
+        args.check()
+        self.args, self.ref_model, self.autocast = args, ref_model, autocast
+
+    @torch.no_grad()
+    def reference_logps(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        if batch.get("ref_logps") is not None:
+            return batch["ref_logps"]
+        with self.autocast():
+            if self.ref_model is not None:
+                logits = self.ref_model(batch["input_ids"])
+            else:
+                with disable_adapters(model):
+                    logits = getattr(model, "module", model)(batch["input_ids"])
+        return answer_logps(logits, batch["labels"])[0]
+
+    def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ref = self.reference_logps(model, batch)
+        logps, n_tokens = answer_logps(model(batch["input_ids"]), batch["labels"])
+        a = self.args
+        return dpo_batch_sums(logps, n_tokens, ref, a.beta, a.loss, a.label_smoothing)
+
+
+@torch.no_grad()
+def precompute_reference(fabric, objective: DPOObjective, model: nn.Module, dataset, batch_size: int,
+                         pad_id: int) -> torch.Tensor:
+    """The reference log-prob sums (len(dataset), 2) = (chosen, rejected) of every pair, in one pass split over
+    the processes (every process runs the same number of batches, as FSDP needs), then summed across them.
+    Run it before training (or before loading a resumed state): ``model`` must still be the reference."""
+    from litmodel.data.preference import collate_pairs
+
+    n, world, rank = len(dataset), fabric.world_size, fabric.global_rank
+    per_rank = -(-n // world)
+    mine = list(range(rank * per_rank, min(n, (rank + 1) * per_rank)))
+    out = torch.zeros(n, 2, dtype=torch.float64, device=fabric.device)
+    was_training, saved = model.training, dataset.reference
+    model.eval()
+    dataset.reference = None
+    try:
+        for b in range(-(-per_rank // batch_size)):
+            idx = mine[b * batch_size:(b + 1) * batch_size]
+            batch = fabric.to_device(collate_pairs([dataset[i] for i in (idx or [0])], pad_id))
+            logps = objective.reference_logps(model, batch).double()
+            if idx:  # a rank without pairs left still runs the forward (FSDP collectives), and discards it
+                chosen, rejected = split_pairs(logps)
+                out[idx, 0], out[idx, 1] = chosen, rejected
+    finally:
+        model.train(was_training)
+        dataset.reference = saved
+    return fabric.all_reduce(out, op="sum").float().cpu()
