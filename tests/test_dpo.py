@@ -114,3 +114,39 @@ def test_reference_with_adapters_disabled_is_the_untouched_base(family):
     assert torch.equal(ref, expected)
     torch.testing.assert_close(answer_logps(ref, labels)[0], answer_logps(expected, labels)[0], rtol=0, atol=0)
     assert not torch.allclose(adapted, expected, atol=1e-3)  # enabled again after the block
+
+
+def test_precomputed_reference_equals_the_per_step_reference(tmp_path):
+    """`precompute_reference` (one pass, batched) gives each pair the log-probs the per-step reference gives it, and
+    the loss with precomputed log-probs equals the loss with the reference run in the step."""
+    from litmodel.data.preference import PreferenceDataset, collate_pairs
+    from litmodel.dpo import DPOObjective, precompute_reference
+    from litmodel.fabric import Fabric
+    from test_dpo_data import PAIRS
+    from test_sft_data import CHATML, _make_tokenizer_dir
+    from litmodel.tokenizer import Tokenizer
+
+    tok = Tokenizer(_make_tokenizer_dir(tmp_path / "tok", CHATML))
+    records = PAIRS + [{"prompt": f"Read tokens {i}", "chosen": "Tokens read.", "rejected": "The data."} for i in range(3)]
+    ds = PreferenceDataset(records, tok, max_seq_length=64)
+    config = Config(name="tiny", model_type="llama", block_size=64, n_layer=2, n_head=4, n_query_groups=2, n_embd=32,
+                    intermediate_size=64, vocab_size=tok.vocab_size, padded_vocab_size=448)
+    torch.manual_seed(0)
+    model = build_model(config)
+    model.init_weights()
+    mark_only_lora_as_trainable(apply_lora(model, targets="query,value", r=2, alpha=4))
+    fabric = Fabric(accelerator="cpu", devices=1, precision="32-true")
+    fabric.launch()
+    model = fabric.setup(model)
+    objective = DPOObjective(DPOArgs(beta=0.2), autocast=fabric.autocast)
+    ref = precompute_reference(fabric, objective, model, ds, batch_size=2, pad_id=0)
+    assert ref.shape == (5, 2) and model.training
+    for i in range(len(ds)):
+        batch = collate_pairs([ds[i]])
+        torch.testing.assert_close(ref[i], objective.reference_logps(model, batch), rtol=1e-5, atol=1e-5)
+    ds.reference = ref
+    batch_pre, batch = collate_pairs([ds[0], ds[3]]), collate_pairs([ds[0], ds[3]])
+    batch.pop("ref_logps")
+    (loss_pre, m_pre), (loss, m) = objective(model, batch_pre), objective(model, batch)
+    torch.testing.assert_close(loss_pre, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m_pre["rewards/margins"], m["rewards/margins"], rtol=1e-4, atol=1e-5)
