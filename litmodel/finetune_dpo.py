@@ -31,8 +31,9 @@ from litmodel.checkpoint import check_checkpoint_dir, load_config, load_model
 from litmodel.data.preference import JSON, PreferenceData, load_preference_records  # noqa: F401 (JSON: --data JSON)
 from litmodel.dpo import METRICS, DPOArgs, DPOObjective, count_pairs, precompute_reference
 from litmodel.fabric import Fabric
-from litmodel.finetune import (FinetuneEvalArgs, FinetuneTrainArgs, LoRAArgs, build_finetune_model, make_fabric,
-                               print_sample, resume_hooks, write_final)
+from litmodel.finetune import (FinetuneEvalArgs, FinetuneTrainArgs, LoRAArgs, build_finetune_model, prepare_run,
+                               param_dtype, print_sample, resume_hooks, write_final)
+from litmodel.plot import write_loss_plot
 from litmodel.lora import LoRAConfig
 from litmodel.training import accumulation_steps, build_optimizer, fit, flops_per_token, resolve_resume
 from litmodel.utils import LitModelError
@@ -111,9 +112,8 @@ def finetune_dpo(checkpoint_dir: Path, data: Optional[PreferenceData] = None, ou
                             "prompt / chosen / rejected records")
     load_preference_records(data.json_path)  # missing file / keys, empty dataset: one line naming the record
     dpo.check()  # beta <= 0 etc.
-    fabric, precision, hparams = make_fabric(out_dir, checkpoint_dir, config, data, precision, devices, num_nodes,
-                                             strategy, accelerator, seed, logger, train, eval)
-    accumulation_steps(train, fabric.world_size)
+    fabric, hparams = prepare_run(checkpoint_dir, config, data, out_dir, precision, devices, num_nodes, strategy,
+                                  accelerator, seed, logger, train, eval)
     lora_config = lora.to_config() if method == "lora" else None
     hparams.update(method=method, **{f"dpo.{k}": v for k, v in vars(dpo).items()})
     if lora_config is not None:
@@ -144,13 +144,13 @@ def main(fabric: Fabric, spec: DPORunSpec) -> None:
                      "first (raise --train.max_seq_length to keep them whole)")
 
     # 2. the policy (LoRA on the frozen base, or every weight trainable), set up on the devices; its optimizer
-    model = build_finetune_model(fabric, spec.checkpoint_dir, spec.method, spec.lora)
+    model = build_finetune_model(fabric, spec.checkpoint_dir, spec.method, spec.lora, max_seq_length=max_seq_length)
     optimizer = fabric.setup_optimizers(build_optimizer(model, train))
 
     # 3. the reference: precomputed log-probs, a frozen copy (full), or the policy with adapters disabled (LoRA)
     ref_model = None
     if not spec.dpo.precompute_reference and spec.method == "full":
-        ref_model = load_model(spec.checkpoint_dir, device=torch.device("cpu"), dtype=model.module.wte.weight.dtype)
+        ref_model = load_model(spec.checkpoint_dir, device=torch.device("cpu"), dtype=param_dtype(fabric.precision))
         ref_model.requires_grad_(False).eval()
         ref_model = fabric.setup(ref_model) if fabric.strategy == "fsdp" else ref_model.to(fabric.device)
     objective = DPOObjective(spec.dpo, ref_model, autocast=fabric.autocast)
@@ -201,6 +201,7 @@ def main(fabric: Fabric, spec: DPORunSpec) -> None:
 
     # 7. out_dir/final: the checkpoint dir every other script reads (LoRA: adapter + merged model)
     write_final(fabric, model, spec.method, spec.lora, spec.checkpoint_dir, out_dir, spec.merge)
+    write_loss_plot(fabric, out_dir)
 
 
 def setup(argv: Optional[list[str]] = None, description: str = "") -> Path:

@@ -5,6 +5,7 @@ model variants agree, and bad input fails with one line."""
 
 import csv
 import json
+import os
 import random
 import signal
 import subprocess
@@ -134,19 +135,21 @@ def test_lora_dpo_raises_the_held_out_margin_measured_by_transformers(base, lora
 
 
 @pytest.mark.slow
-def test_kill_and_resume_equals_the_uninterrupted_run(base, lora_run, tmp_path):
-    """SIGKILL from outside once a checkpoint has appeared, then --resume auto: the same per-step losses and
-    metrics and the same adapter as the uninterrupted run."""
+def test_fsdp_lora_killed_and_resumed_equals_one_uninterrupted_process(base, lora_run, tmp_path):
+    """LoRA DPO on 2 FSDP (gloo) processes (the reference: adapters disabled inside the sharded model), SIGKILLed
+    from outside (the whole process group) once a checkpoint has appeared, then resumed with --resume auto: the
+    same per-step loss and metrics and the same adapter as the uninterrupted 1-process run at the same global
+    batch (1 process accumulates 2 micro-batches of 2 pairs; 2 processes take one each)."""
     out = tmp_path / "killed"
     args = ["--checkpoint_dir", base["ckpt"], "--out_dir", out, *COMMON, "--data.json_path", base["train"], *LORA,
-            *STEPS]
-    env = {**__import__("os").environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+            *STEPS, "--devices", "2", "--strategy", "fsdp"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "finetune/dpo.py"), *map(str, args)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 280
     while not (out / "step-000004.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers, as a lost node would
     proc.wait()
     assert not (out / "final").exists(), "the run ended before it was killed"
     r = run_cli("finetune/dpo.py", [*args, "--resume", "auto"])
@@ -156,10 +159,10 @@ def test_kill_and_resume_equals_the_uninterrupted_run(base, lora_run, tmp_path):
     assert a.keys() == b.keys()
     for step in a:
         for key in ("loss", "rewards/margins", "rewards/chosen", "logps/rejected"):
-            assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-6), (step, key)
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-5), (step, key)
     want, got = read_tensors(lora_run[0] / "final" / "lora.safetensors"), read_tensors(out / "final" / "lora.safetensors")
     for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -168,7 +171,7 @@ def test_fsdp_two_processes_equal_one(base, tmp_path):
     process with 2 accumulated micro-batches at the same global batch; the precomputed reference gives the same."""
     common = ["--checkpoint_dir", base["ckpt"], *COMMON, "--data.json_path", base["train"], "--method", "full",
               "--train.lr", "0.001", "--train.warmup_steps", "0", "--train.global_batch_size", "4",
-              "--train.max_steps", "3", "--train.epochs", "1",
+              "--train.max_steps", "3", "--train.epochs", "2",
               "--eval.interval", "1000", "--dpo.beta", "0.5"]
     runs = {"one": [*common, "--out_dir", tmp_path / "one", "--train.micro_batch_size", "2"],
             "fsdp": [*common, "--out_dir", tmp_path / "fsdp", "--devices", "2", "--strategy", "fsdp",
@@ -202,8 +205,6 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(base, tmp_path):
         "missing": (["--data.json_path", root / "missing.json"], "record 2 is missing key 'rejected'"),
         "empty": (["--data.json_path", root / "empty.jsonl"], "contains no records"),
         "beta": (["--data.json_path", base["train"], "--dpo.beta", "0"], "--dpo.beta must be > 0"),
-        "ipo_smoothing": (["--data.json_path", base["train"], "--dpo.loss", "ipo", "--dpo.label_smoothing", "0.1"],
-                          "sigmoid loss only"),
     }
     with ThreadPoolExecutor(2) as pool:
         results = dict(zip(cases, pool.map(
