@@ -214,7 +214,6 @@ def _run(method: str, checkpoint_dir: Path, data: Optional[JSONData], out_dir: P
     build the Fabric and launch `main`."""
     from litmodel.data.sft import load_records
     from litmodel.generate import load_tokenizer
-    from litmodel.loggers import CSVLogger, TensorBoardLogger
 
     out_dir = Path(out_dir)
     resolve_resume(out_dir, resume)  # refuse to overwrite another run
@@ -224,6 +223,31 @@ def _run(method: str, checkpoint_dir: Path, data: Optional[JSONData], out_dir: P
     if data is None:
         raise LitModelError("no finetuning data; pass --data JSON --data.json_path FILE (.json or .jsonl)")
     load_records(data.json_path)  # missing file / keys, empty dataset: one line naming the record and key
+    lora_config = lora.to_config() if method == "lora" else None
+    if quantize is not None:
+        _check_quantize(quantize, accelerator, devices, num_nodes, strategy)
+        if not train.activation_checkpointing:
+            print("note: --quantize: enabling --train.activation_checkpointing so only one block's weights are "
+                  "dequantized at a time")
+            train = FinetuneTrainArgs(**{**asdict(train), "activation_checkpointing": True})
+    fabric, hparams = prepare_run(checkpoint_dir, config, data, out_dir, precision, devices, num_nodes, strategy,
+                                  accelerator, seed, logger, train, eval)
+    hparams["method"] = method
+    if lora_config is not None:
+        hparams.update({f"lora.{k}": str(v) for k, v in lora_config.to_dict().items()}, merge=merge,
+                       quantize=quantize)
+    spec = RunSpec(method, checkpoint_dir, data, out_dir, train, eval, resume, seed, lora_config, merge, quantize,
+                   hparams)
+    fabric.launch(main, spec)
+
+
+def prepare_run(checkpoint_dir: Path, config, data, out_dir: Path, precision: str, devices: Union[int, str],
+                num_nodes: int, strategy: str, accelerator: str, seed: int, logger: str, train: TrainArgs,
+                eval: EvalArgs) -> tuple[Fabric, dict]:
+    """What every finetuning recipe (SFT, DPO) checks and builds before launching: the run length and sequence
+    length flags, the precision, the loggers, the Fabric, the batch split; returns it and the common hparams."""
+    from litmodel.loggers import CSVLogger, TensorBoardLogger
+
     if train.max_tokens is not None:
         raise LitModelError("--train.max_tokens is a pretraining budget; finetuning runs --train.epochs "
                             "(and stops early at --train.max_steps)")
@@ -232,14 +256,7 @@ def _run(method: str, checkpoint_dir: Path, data: Optional[JSONData], out_dir: P
     if train.max_seq_length is not None and train.max_seq_length > config.block_size:
         raise LitModelError(f"--train.max_seq_length {train.max_seq_length} exceeds the model's block_size "
                             f"{config.block_size}; use at most {config.block_size}")
-    lora_config = lora.to_config() if method == "lora" else None
     precision = resolve_precision(precision, accelerator)
-    if quantize is not None:
-        _check_quantize(quantize, accelerator, devices, num_nodes, strategy)
-        if not train.activation_checkpointing:
-            print("note: --quantize: enabling --train.activation_checkpointing so only one block's weights are "
-                  "dequantized at a time")
-            train = FinetuneTrainArgs(**{**asdict(train), "activation_checkpointing": True})
     loggers = []
     if logger in ("csv", "both"):
         loggers.append(CSVLogger(out_dir, name="logs"))
@@ -248,18 +265,13 @@ def _run(method: str, checkpoint_dir: Path, data: Optional[JSONData], out_dir: P
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
                     precision=precision, loggers=loggers, activation_checkpointing=train.activation_checkpointing)
     accumulation_steps(train, fabric.world_size)  # a global batch that does not divide fails here
-    hparams = dict(method=method, checkpoint_dir=str(checkpoint_dir), data=type(data).__name__,
+    hparams = dict(checkpoint_dir=str(checkpoint_dir), data=type(data).__name__,
                    **{f"data.{k}": str(v) for k, v in vars(data).items() if not k.endswith("_dataset")
                       and k not in ("tokenizer", "max_seq_length")},
                    out_dir=str(out_dir), precision=precision, devices=fabric.devices, num_nodes=num_nodes,
                    strategy=fabric.strategy, seed=seed, **{f"train.{k}": v for k, v in asdict(train).items()},
                    **{f"eval.{k}": v for k, v in asdict(eval).items()})
-    if lora_config is not None:
-        hparams.update({f"lora.{k}": str(v) for k, v in lora_config.to_dict().items()}, merge=merge,
-                       quantize=quantize)
-    spec = RunSpec(method, checkpoint_dir, data, out_dir, train, eval, resume, seed, lora_config, merge, quantize,
-                   hparams)
-    fabric.launch(main, spec)
+    return fabric, hparams
 
 
 def _check_quantize(quantize: str, accelerator: str, devices, num_nodes: int, strategy: str) -> None:
@@ -299,21 +311,8 @@ def main(fabric: Fabric, spec: RunSpec) -> None:
         fabric.print(f"note: {truncated} example(s) longer than max_seq_length={max_seq_length} were truncated "
                      "(raise --train.max_seq_length to keep them whole)")
 
-    # 2. the model: every rank loads the checkpoint (memory-mapped), LoRA gets the same init everywhere (seeded)
-    dtype = _param_dtype(fabric.precision)
-    on_device = fabric.device if fabric.strategy != "fsdp" else torch.device("cpu")  # FSDP moves shards itself
-    model = load_model(spec.checkpoint_dir, device=on_device, dtype=dtype)
-    if spec.method == "lora":
-        apply_lora(model, **spec.lora.to_dict())
-        if spec.quantize:
-            quantize_nf4(model)
-        mark_only_lora_as_trainable(model)
-    model.train()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    fabric.print(f"model: {config.name} ({config.model_type}), {total / 1e6:.1f}M parameters, {trainable / 1e6:.3f}M "
-                 f"trainable ({spec.method}), max_seq_length {max_seq_length}, {fabric.precision}")
-    model = fabric.setup(model)
+    # 2. the model: LoRA on the frozen base (optionally 4-bit) or every weight trainable, set up on the devices
+    model = build_finetune_model(fabric, spec.checkpoint_dir, spec.method, spec.lora, spec.quantize, max_seq_length)
     optimizer = fabric.setup_optimizers(build_optimizer(model, train))
 
     # 3. data loaders (seeded, resumable), schedule length
@@ -326,12 +325,7 @@ def main(fabric: Fabric, spec: RunSpec) -> None:
 
     # 4. what a resumable checkpoint holds: LoRA only the trainable weights and their optimizer state, gathered
     #    (small, and independent of the number of processes); full finetuning the model and optimizer
-    if spec.method == "lora":
-        state = {"lora_state": {}, "optimizer_state": {}, "lora_config": spec.lora.to_dict()}
-        save_fn = partial(save_lora_state, fabric, model, optimizer)
-        load_fn = partial(load_lora_state, fabric, model, optimizer, spec.lora)
-    else:
-        state, save_fn, load_fn = {"model": model, "optimizer": optimizer}, None, None
+    state, save_fn, load_fn = resume_hooks(fabric, model, optimizer, spec.method, spec.lora)
     if fabric.is_global_zero and resume_from is None:
         for logger in fabric.loggers:
             logger.log_hyperparams(spec.hparams)
@@ -352,21 +346,61 @@ def main(fabric: Fabric, spec: RunSpec) -> None:
         flops_per_token=train_flops_per_token(model, config, seq_len))
 
     # 6. out_dir/final: the checkpoint dir every other script reads; the loss curve
-    final = out_dir / "final"
-    if spec.method == "lora":
-        lora_state = trainable_state(model)  # collective
-        if fabric.is_global_zero:
-            write_lora_checkpoint(final, lora_state, spec.lora, spec.checkpoint_dir, merge=spec.merge)
-        fabric.barrier()
-    else:
-        save_final_checkpoint(fabric, model, model.config, final, spec.checkpoint_dir,
-                              dtype=checkpoint_dtype(spec.checkpoint_dir))
-    fabric.print(f"saved {final}" + (" (adapter only; merge with scripts/merge_lora.py)"
-                                     if spec.method == "lora" and not spec.merge else ""))
+    write_final(fabric, model, spec.method, spec.lora, spec.checkpoint_dir, out_dir, spec.merge)
     write_loss_plot(fabric, out_dir)
 
 
-def _param_dtype(precision: str) -> torch.dtype:
+# ---- pieces of every finetuning recipe (SFT here, DPO in litmodel/finetune_dpo.py) -------------------
+def build_finetune_model(fabric: Fabric, checkpoint_dir: Path, method: str, lora: Optional[LoRAConfig] = None,
+                         quantize: Optional[str] = None, max_seq_length: Optional[int] = None):
+    """The set-up model to train: the checkpoint with LoRA applied and only LoRA trainable (``method="lora"``;
+    ``quantize="bnb.nf4"`` stores the frozen base in 4 bits), or with every weight trainable (``"full"``). Every
+    rank loads the checkpoint (memory-mapped); LoRA gets the same init everywhere (seeded)."""
+    config = load_config(checkpoint_dir)
+    on_device = fabric.device if fabric.strategy != "fsdp" else torch.device("cpu")  # FSDP moves shards itself
+    model = load_model(checkpoint_dir, device=on_device, dtype=param_dtype(fabric.precision))
+    if method == "lora":
+        apply_lora(model, **lora.to_dict())
+        if quantize:
+            quantize_nf4(model)
+        mark_only_lora_as_trainable(model)
+    model.train()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    fabric.print(f"model: {config.name} ({config.model_type}), {total / 1e6:.1f}M parameters, {trainable / 1e6:.3f}M "
+                 f"trainable ({method}), max_seq_length {max_seq_length or config.block_size}, {fabric.precision}")
+    return fabric.setup(model)
+
+
+def resume_hooks(fabric: Fabric, model, optimizer, method: str, lora: Optional[LoRAConfig] = None):
+    """(state, save_fn, load_fn) for the loop: what a resumable checkpoint holds. LoRA: only the trainable weights
+    and their optimizer state, gathered (small, and independent of the number of processes); full finetuning: the
+    model and optimizer (the loop's default save/load)."""
+    if method == "lora":
+        state = {"lora_state": {}, "optimizer_state": {}, "lora_config": lora.to_dict()}
+        return (state, partial(save_lora_state, fabric, model, optimizer),
+                partial(load_lora_state, fabric, model, optimizer, lora))
+    return {"model": model, "optimizer": optimizer}, None, None
+
+
+def write_final(fabric: Fabric, model, method: str, lora: Optional[LoRAConfig], checkpoint_dir: Path, out_dir: Path,
+                merge: bool = True) -> Path:
+    """``out_dir/final``: the checkpoint dir every other script reads. LoRA: the adapter and (``merge``) the merged
+    model; full: the weights in the checkpoint's dtype. Collective: every rank calls it."""
+    final = Path(out_dir) / "final"
+    if method == "lora":
+        lora_state = trainable_state(model)  # collective
+        if fabric.is_global_zero:
+            write_lora_checkpoint(final, lora_state, lora, checkpoint_dir, merge=merge)
+        fabric.barrier()
+    else:
+        save_final_checkpoint(fabric, model, model.config, final, checkpoint_dir, dtype=checkpoint_dtype(checkpoint_dir))
+    fabric.print(f"saved {final}" + (" (adapter only; merge with scripts/merge_lora.py)"
+                                     if method == "lora" and not merge else ""))
+    return final
+
+
+def param_dtype(precision: str) -> torch.dtype:
     return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision, torch.float32)
 
 

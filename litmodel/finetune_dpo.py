@@ -35,7 +35,8 @@ from litmodel.finetune import (FinetuneEvalArgs, FinetuneTrainArgs, LoRAArgs, bu
                                param_dtype, print_sample, resume_hooks, write_final)
 from litmodel.plot import write_loss_plot
 from litmodel.lora import LoRAConfig
-from litmodel.training import accumulation_steps, build_optimizer, fit, flops_per_token, resolve_resume
+from litmodel.flops import forward_flops_per_token, train_flops_per_token
+from litmodel.training import accumulation_steps, build_optimizer, fit, resolve_resume
 from litmodel.utils import LitModelError
 
 
@@ -191,9 +192,9 @@ def main(fabric: Fabric, spec: DPORunSpec) -> None:
     lengths = data.train_dataset.lengths()
     mean_row = max(1, round(sum(lengths) / (2 * len(lengths))))
     # per token read: the policy's training FLOPs + the reference's forward (2N) when it runs every step
-    fpt = flops_per_token(config, mean_row, backward=spec.method)
+    fpt = train_flops_per_token(model, config, mean_row)
     if not spec.dpo.precompute_reference:
-        fpt += flops_per_token(config, mean_row, backward="none")
+        fpt += forward_flops_per_token(model, config, mean_row)
     fit(fabric, model, optimizer, train_loader, train=train, eval=spec.eval, out_dir=out_dir, max_steps=max_steps,
         schedule_steps=schedule_steps, loss_fn=objective, count_fn=count_pairs, unit_name="pairs",
         val_loader=val_loader, evaluators=evaluators, state=state, resume_from=resume_from, save_fn=save_fn,
