@@ -22,7 +22,8 @@ set minus the resident set before it (activations, gradients, optimizer state an
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import ctypes
+import gc
 import os
 import platform
 import statistics
@@ -42,13 +43,22 @@ from litmodel.lora import apply_lora, mark_only_lora_as_trainable  # noqa: E402
 from litmodel.training import TrainArgs, build_optimizer  # noqa: E402
 
 
-def _finetune_bench():
-    """The memory helpers of benchmarks/finetune.py (one definition of the step-memory measurement)."""
-    spec = importlib.util.spec_from_file_location("bench_finetune", ROOT / "benchmarks" / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+def _status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def step_memory_start() -> int | None:
+    """Trim freed memory, reset the peak resident set to the current one (Linux); the resident set now (kB)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except (OSError, AttributeError):
+        return None
+    return _status_kb("VmRSS")
 
 
 def pair_batch(pairs: int, seq: int, vocab: int, seed: int) -> dict:
@@ -77,7 +87,6 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    bench = _finetune_bench()
     config = Config.from_name(args.model)
     torch.manual_seed(0)
     model = build_model(config)
@@ -104,9 +113,7 @@ def main() -> None:
         batch_pre = dict(batch, ref_logps=objective.reference_logps(model, batch))
         for name, loss_of in variants.items():
             b = batch_pre if name == "dpo lora precomputed" else batch
-            bench._trim()
-            rss0 = bench._status_kb("VmRSS")
-            have_peak = bench._reset_peak()
+            rss0 = step_memory_start()
             t0 = time.perf_counter()
             loss = loss_of(b)
             fabric.backward(loss)
@@ -114,7 +121,7 @@ def main() -> None:
             fabric.step(optimizer)
             optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
-            mem = (bench._status_kb("VmHWM") - rss0) / 1024 if have_peak else float("nan")
+            mem = (_status_kb("VmHWM") - rss0) / 1024 if rss0 is not None else float("nan")
             del loss
             if r == 0:
                 continue
