@@ -198,7 +198,7 @@ def main(fabric: Fabric, spec: DPORunSpec) -> None:
     fit(fabric, model, optimizer, train_loader, train=train, eval=spec.eval, out_dir=out_dir, max_steps=max_steps,
         schedule_steps=schedule_steps, loss_fn=objective, count_fn=count_pairs, unit_name="pairs",
         val_loader=val_loader, evaluators=evaluators, state=state, resume_from=resume_from, save_fn=save_fn,
-        load_fn=load_fn, flops_per_token=fpt)
+        load_fn=load_fn, flops_per_token=fpt, show=("rewards/accuracies", "rewards/margins"))
 
     # 7. out_dir/final: the checkpoint dir every other script reads (LoRA: adapter + merged model)
     write_final(fabric, model, spec.method, spec.lora, spec.checkpoint_dir, out_dir, spec.merge)
