@@ -102,9 +102,12 @@ def finetune_dpo(checkpoint_dir: Path, data: Optional[PreferenceData] = None, ou
             --method lora only.
         merge: LoRA: also write the merged model into out_dir/final so every other script reads it as is.
     """
+    from litmodel.generate import load_tokenizer
+
     out_dir = Path(out_dir)
     resolve_resume(out_dir, resume)  # refuse to overwrite another run
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
+    load_tokenizer(checkpoint_dir)
     config = load_config(checkpoint_dir)
     if method not in ("lora", "full"):
         raise LitModelError(f"unknown --method {method!r}; choose lora or full")

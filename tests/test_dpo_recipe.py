@@ -22,7 +22,8 @@ from test_finetune import QA, ROOT, TINY, make_tokenizer, run_cli
 transformers = pytest.importorskip("transformers")
 
 MARKER = "Sure! "  # the style every chosen answer shares
-TRAIN_Q = [q for q, _ in QA[:4]] + ["What is the cat?", "Which sky is blue?", "What do cows make?", "How many bees?"]
+TRAIN_Q = [q for q, _ in QA[:4]] + ["What is the cat?", "Which sky is blue?", "What do cows make?", "How many bees?",
+                                    "What is blue?", "Which cat says moo?"]  # 8 train + 2 validation pairs
 HELD_OUT_Q = [q for q, _ in QA[4:]] + ["What is the capital?", "Which animal has four legs?"]
 ANSWERS = [a for _, a in QA]
 
@@ -37,12 +38,12 @@ def pairs(questions, seed):
 
 
 COMMON = ["--precision", "32-true", "--accelerator", "cpu", "--eval.max_new_tokens", "0", "--data",
-          "JSON", "--data.val_split_fraction", "0"]
+          "JSON", "--data.val_split_fraction", "0.2"]
 LORA = ["--method", "lora", "--lora.r", "8", "--lora.alpha", "16", "--lora.dropout", "0.0",
         "--lora.targets", "query,value,mlp", "--train.lr", "0.003", "--train.min_lr", "0.0003",
         "--train.warmup_steps", "2", "--dpo.beta", "0.5"]
 STEPS = ["--train.global_batch_size", "4", "--train.micro_batch_size", "2", "--train.max_steps", "12",
-         "--train.epochs", "6", "--train.save_interval", "2", "--eval.interval", "1000"]
+         "--train.epochs", "6", "--train.save_interval", "2", "--eval.interval", "6"]
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +65,11 @@ def base(tmp_path_factory):
     return {"root": root, "ckpt": ckpt, "train": root / "train.json", "held_out": root / "held_out.json"}
 
 
-def metrics(out_dir):
-    """step -> logged row (floats) of the training steps (the last logged row wins after a resume)."""
+def metrics(out_dir, key="loss"):
+    """step -> logged row (floats) of the training steps (key="val_loss": of the validations); the last logged row
+    wins after a resume."""
     with open(Path(out_dir) / "logs" / "metrics.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("loss")]
+        rows = [r for r in csv.DictReader(f) if r.get(key)]
     return {int(r["step"]): {k: float(v) for k, v in r.items() if v not in ("", None)} for r in rows}
 
 
@@ -124,6 +126,11 @@ def test_lora_dpo_raises_the_held_out_margin_measured_by_transformers(base, lora
     assert logged[1]["loss"] == pytest.approx(0.6931, abs=1e-3) and abs(logged[1]["rewards/margins"]) < 1e-4
     assert logged[12]["loss"] < 0.6 and logged[12]["rewards/accuracies"] == 1.0 and logged[12]["rewards/margins"] > 0.2
     assert "reference: base with adapters disabled" in r.stdout
+    assert "8 train / 2 val preference pairs" in r.stdout
+    assert "| rewards/accuracies 1.0000 | rewards/margins" in r.stdout  # shown on the step line
+    val = metrics(out, "val_loss")
+    assert sorted(val) == [6, 12] and "step 12: val loss" in r.stdout and "val rewards/margins" in r.stdout
+    assert val[12]["val_rewards/margins"] > val[6]["val_rewards/margins"] > 0 and val[12]["val_loss"] < 0.69
 
     convert_lit_checkpoint(base["ckpt"], tmp_path / "hf_base")
     convert_lit_checkpoint(final, tmp_path / "hf_dpo")
@@ -183,7 +190,7 @@ def test_fsdp_two_processes_equal_one(base, tmp_path):
     for name, r in results.items():
         assert r.returncode == 0, (name, r.stderr[-3000:])
     assert "reference: frozen copy" in results["fsdp"].stdout
-    assert "reference log-probs precomputed for 8 train" in results["precomputed"].stdout
+    assert "reference log-probs precomputed for 8 train / 2 val pairs" in results["precomputed"].stdout
     one = metrics(tmp_path / "one")
     for name, d in (("fsdp", "fsdp"), ("precomputed", "pre")):
         other = metrics(tmp_path / d)
@@ -218,16 +225,18 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(base, tmp_path):
     assert not (root / "out").exists()
 
 
-def test_identical_pairs_are_counted_and_skipped(base, tmp_path):
+def test_identical_pairs_skipped_truncation_counted_ipo_precomputed(base, tmp_path):
     records = pairs(TRAIN_Q[:4], 0) + [{"prompt": "q", "chosen": "Same.", "rejected": "Same."}] * 3
     (tmp_path / "p.json").write_text(json.dumps(records))
     r = run_cli("finetune/dpo.py", ["--checkpoint_dir", base["ckpt"], "--out_dir", tmp_path / "out", *COMMON,
                                     "--data.json_path", tmp_path / "p.json", "--train.global_batch_size", "2",
                                     "--train.micro_batch_size", "2", "--train.max_steps", "1",
                                     "--train.max_seq_length", "12", "--method", "full", "--dpo.precompute_reference",
-                                    "true"])
+                                    "true", "--dpo.loss", "ipo", "--dpo.beta", "0.1", "--data.val_split_fraction", "0"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "3 record(s) have a chosen answer identical to the rejected one" in r.stderr
     assert "4 train / 0 val preference pairs" in r.stdout and "identical=3 (skipped)" in r.stdout
     assert "pair(s) longer than max_seq_length=12 were truncated, prompt first" in r.stdout
     assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
+    # IPO at the reference: h = 0, so the loss is (1 / (2 beta))^2 = 25
+    assert metrics(tmp_path / "out")[1]["loss"] == pytest.approx(25.0, rel=1e-6)
