@@ -293,35 +293,20 @@ def _check_quantize(quantize: str, accelerator: str, devices, num_nodes: int, st
 
 # ---- the recipe ----------------------------------------------------------------------------------
 def main(fabric: Fabric, spec: RunSpec) -> None:
-    from litmodel.tokenizer import Tokenizer
-
     train, out_dir = spec.train, Path(spec.out_dir)
     resume_from = resolve_resume(out_dir, spec.resume)
     fabric.seed_everything(spec.seed)
 
     # 1. tokenizer and data
-    tokenizer = Tokenizer(spec.checkpoint_dir)
-    config = load_config(spec.checkpoint_dir)
-    max_seq_length = train.max_seq_length or config.block_size
+    tokenizer, config, max_seq_length = setup_data(fabric, spec.checkpoint_dir, spec.data, train)
     data = spec.data
-    data.setup(tokenizer, max_seq_length)
-    fabric.print(data.describe())
-    truncated = data.stats["train"]["truncated"] + (data.stats["val"] or {}).get("truncated", 0)
-    if truncated:
-        fabric.print(f"note: {truncated} example(s) longer than max_seq_length={max_seq_length} were truncated "
-                     "(raise --train.max_seq_length to keep them whole)")
 
     # 2. the model: LoRA on the frozen base (optionally 4-bit) or every weight trainable, set up on the devices
     model = build_finetune_model(fabric, spec.checkpoint_dir, spec.method, spec.lora, spec.quantize, max_seq_length)
     optimizer = fabric.setup_optimizers(build_optimizer(model, train))
 
     # 3. data loaders (seeded, resumable), schedule length
-    train_loader = fabric.setup_dataloaders(data.train_dataloader(train.micro_batch_size))
-    val_loader = data.val_dataloader(train.micro_batch_size)
-    val_loader = fabric.setup_dataloaders(val_loader) if val_loader is not None else None
-    accum = accumulation_steps(train, fabric.world_size)
-    schedule_steps = math.ceil(train.epochs * len(train_loader) / accum) if train.epochs else train.max_steps
-    max_steps = min(schedule_steps, train.max_steps) if train.max_steps else schedule_steps
+    train_loader, val_loader, accum, schedule_steps, max_steps = make_loaders(fabric, data, train)
 
     # 4. what a resumable checkpoint holds: LoRA only the trainable weights and their optimizer state, gathered
     #    (small, and independent of the number of processes); full finetuning the model and optimizer
@@ -351,6 +336,36 @@ def main(fabric: Fabric, spec: RunSpec) -> None:
 
 
 # ---- pieces of every finetuning recipe (SFT here, DPO in litmodel/finetune_dpo.py) -------------------
+def setup_data(fabric: Fabric, checkpoint_dir: Path, data, train: TrainArgs, cut: str = "") -> tuple:
+    """(tokenizer, config, max_seq_length): the checkpoint's tokenizer and config, and ``data`` set up (read,
+    split, tokenized) with its one-line description and the count of truncated examples printed. ``cut``: how
+    they were truncated, for the note."""
+    from litmodel.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(checkpoint_dir)
+    config = load_config(checkpoint_dir)
+    max_seq_length = train.max_seq_length or config.block_size
+    data.setup(tokenizer, max_seq_length)
+    fabric.print(data.describe())
+    truncated = data.stats["train"]["truncated"] + (data.stats["val"] or {}).get("truncated", 0)
+    if truncated:
+        fabric.print(f"note: {truncated} example(s) longer than max_seq_length={max_seq_length} were truncated{cut} "
+                     "(raise --train.max_seq_length to keep them whole)")
+    return tokenizer, config, max_seq_length
+
+
+def make_loaders(fabric: Fabric, data, train: TrainArgs) -> tuple:
+    """(train_loader, val_loader or None, accumulation steps, schedule steps, max steps): seeded, resumable loaders
+    of ``train.micro_batch_size`` and the run length in optimizer steps (epochs, capped by max_steps)."""
+    train_loader = fabric.setup_dataloaders(data.train_dataloader(train.micro_batch_size))
+    val_loader = data.val_dataloader(train.micro_batch_size)
+    val_loader = fabric.setup_dataloaders(val_loader) if val_loader is not None else None
+    accum = accumulation_steps(train, fabric.world_size)
+    schedule_steps = math.ceil(train.epochs * len(train_loader) / accum) if train.epochs else train.max_steps
+    max_steps = min(schedule_steps, train.max_steps) if train.max_steps else schedule_steps
+    return train_loader, val_loader, accum, schedule_steps, max_steps
+
+
 def build_finetune_model(fabric: Fabric, checkpoint_dir: Path, method: str, lora: Optional[LoRAConfig] = None,
                          quantize: Optional[str] = None, max_seq_length: Optional[int] = None):
     """The set-up model to train: the checkpoint with LoRA applied and only LoRA trainable (``method="lora"``;

@@ -20,7 +20,6 @@ Per step and at each validation the loop logs the DPO loss and, as TRL names the
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -31,12 +30,12 @@ from litmodel.checkpoint import check_checkpoint_dir, load_config, load_model
 from litmodel.data.preference import JSON, PreferenceData, load_preference_records  # noqa: F401 (JSON: --data JSON)
 from litmodel.dpo import METRICS, DPOArgs, DPOObjective, count_pairs, precompute_reference
 from litmodel.fabric import Fabric
-from litmodel.finetune import (FinetuneEvalArgs, FinetuneTrainArgs, LoRAArgs, build_finetune_model, prepare_run,
-                               param_dtype, print_sample, resume_hooks, write_final)
+from litmodel.finetune import (FinetuneEvalArgs, FinetuneTrainArgs, LoRAArgs, build_finetune_model, make_loaders,
+                               param_dtype, prepare_run, print_sample, resume_hooks, setup_data, write_final)
 from litmodel.plot import write_loss_plot
 from litmodel.lora import LoRAConfig
 from litmodel.flops import forward_flops_per_token, train_flops_per_token
-from litmodel.training import accumulation_steps, build_optimizer, fit, resolve_resume
+from litmodel.training import build_optimizer, fit, resolve_resume
 from litmodel.utils import LitModelError
 
 
@@ -129,23 +128,14 @@ def finetune_dpo(checkpoint_dir: Path, data: Optional[PreferenceData] = None, ou
 
 
 def main(fabric: Fabric, spec: DPORunSpec) -> None:
-    from litmodel.tokenizer import Tokenizer
-
     train, out_dir = spec.train, Path(spec.out_dir)
     resume_from = resolve_resume(out_dir, spec.resume)
     fabric.seed_everything(spec.seed)
 
     # 1. tokenizer and pairs
-    tokenizer = Tokenizer(spec.checkpoint_dir)
-    config = load_config(spec.checkpoint_dir)
-    max_seq_length = train.max_seq_length or config.block_size
+    tokenizer, config, max_seq_length = setup_data(fabric, spec.checkpoint_dir, spec.data, train,
+                                                   cut=", prompt first")
     data = spec.data
-    data.setup(tokenizer, max_seq_length)
-    fabric.print(data.describe())
-    truncated = data.stats["train"]["truncated"] + (data.stats["val"] or {}).get("truncated", 0)
-    if truncated:
-        fabric.print(f"note: {truncated} pair(s) longer than max_seq_length={max_seq_length} were truncated, prompt "
-                     "first (raise --train.max_seq_length to keep them whole)")
 
     # 2. the policy (LoRA on the frozen base, or every weight trainable), set up on the devices; its optimizer
     model = build_finetune_model(fabric, spec.checkpoint_dir, spec.method, spec.lora, max_seq_length=max_seq_length)
@@ -167,12 +157,7 @@ def main(fabric: Fabric, spec: DPORunSpec) -> None:
                      f"{len(data.val_dataset) if data.val_dataset else 0} val pairs")
 
     # 4. loaders (seeded, resumable), schedule length in optimizer steps
-    train_loader = fabric.setup_dataloaders(data.train_dataloader(train.micro_batch_size))
-    val_loader = data.val_dataloader(train.micro_batch_size)
-    val_loader = fabric.setup_dataloaders(val_loader) if val_loader is not None else None
-    accum = accumulation_steps(train, fabric.world_size)
-    schedule_steps = math.ceil(train.epochs * len(train_loader) / accum) if train.epochs else train.max_steps
-    max_steps = min(schedule_steps, train.max_steps) if train.max_steps else schedule_steps
+    train_loader, val_loader, accum, schedule_steps, max_steps = make_loaders(fabric, data, train)
 
     # 5. what a resumable checkpoint holds (as the SFT recipes), hyperparameters, the sample answer
     state, save_fn, load_fn = resume_hooks(fabric, model, optimizer, spec.method, spec.lora)

@@ -236,7 +236,7 @@ def test_identical_pairs_skipped_truncation_counted_ipo_precomputed(base, tmp_pa
     assert r.returncode == 0, r.stderr[-3000:]
     assert "3 record(s) have a chosen answer identical to the rejected one" in r.stderr
     assert "4 train / 0 val preference pairs" in r.stdout and "identical=3 (skipped)" in r.stdout
-    assert "pair(s) longer than max_seq_length=12 were truncated, prompt first" in r.stdout
+    assert "example(s) longer than max_seq_length=12 were truncated, prompt first" in r.stdout
     assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
     # IPO at the reference: h = 0, so the loss is (1 / (2 beta))^2 = 25
     assert metrics(tmp_path / "out")[1]["loss"] == pytest.approx(25.0, rel=1e-6)

@@ -42,10 +42,10 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from litmodel.data.sft import (IGNORE_INDEX, PROMPT_STYLES, _alpaca_turns, _resolve_prompt_style, _tokenize_alpaca,
-                               _tokenize_chat, alpaca_prompt, check_messages, read_records, split_indices)
+from litmodel.data.sft import (IGNORE_INDEX, JSONData, _alpaca_turns, _resolve_prompt_style, _tokenize_alpaca,
+                               _tokenize_chat, check_messages, read_records)
 from litmodel.utils import LitModelError
 
 log = logging.getLogger(__name__)
@@ -235,8 +235,10 @@ def collate_pairs(items: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict
 
 
 # ---- the data module -----------------------------------------------------------------------------
-class PreferenceData:
-    """Preference pairs from one ``.json`` or ``.jsonl`` file (see the module doc).
+class PreferenceData(JSONData):
+    """Preference pairs from one ``.json`` or ``.jsonl`` file (see the module doc): the SFT data module
+    (`litmodel.data.sft.JSONData`: split, prompt style, loaders, `format_prompt`) with pair records, pair datasets
+    and pair batches; never packed.
 
     ``val_split_fraction`` of the records (at least one when > 0 and there are >= 2 records) go to
     validation, chosen by a ``seed``-ed shuffle (the same split every run).
@@ -244,82 +246,26 @@ class PreferenceData:
 
     def __init__(self, json_path: str | Path, val_split_fraction: float = 0.05, prompt_style: str | None = None,
                  seed: int = 42, num_workers: int = 0) -> None:
-        if not 0.0 <= val_split_fraction < 1.0:
-            raise LitModelError(f"val_split_fraction must be in [0, 1), got {val_split_fraction}")
-        if prompt_style is not None and prompt_style not in PROMPT_STYLES:
-            raise LitModelError(f"unknown prompt_style {prompt_style!r}; choose {' or '.join(PROMPT_STYLES)}")
-        self.json_path = Path(json_path)
-        self.val_split_fraction = val_split_fraction
-        self.prompt_style = prompt_style
-        self.seed = seed
-        self.num_workers = num_workers
-        self.packed = False  # pairs are never packed (kept for code that reads the SFT data's attribute)
-        self.tokenizer = None
-        self.max_seq_length: int | None = None
-        self.train_dataset: PreferenceDataset | None = None
-        self.val_dataset: PreferenceDataset | None = None
+        super().__init__(json_path, val_split_fraction, prompt_style, packed=False, seed=seed, num_workers=num_workers)
 
     def setup(self, tokenizer, max_seq_length: int) -> None:
         """Read, validate, split and tokenize the records. ``tokenizer``: a `Tokenizer` or its dir."""
-        if isinstance(tokenizer, (str, os.PathLike)):
-            from litmodel.tokenizer import Tokenizer
-
-            tokenizer = Tokenizer(tokenizer)
-        self.tokenizer = tokenizer
-        self.max_seq_length = max_seq_length
-        self.prompt_style = _resolve_prompt_style(tokenizer, self.prompt_style)
-        records = load_preference_records(self.json_path)
-        train_idx, val_idx = split_indices(len(records), self.val_split_fraction, self.seed, self.json_path)
-        src = str(self.json_path)
-        self.train_dataset = PreferenceDataset([records[i] for i in train_idx], tokenizer, max_seq_length,
-                                               self.prompt_style, source=src, record_ids=train_idx)
-        self.val_dataset = (PreferenceDataset([records[i] for i in val_idx], tokenizer, max_seq_length,
-                                              self.prompt_style, source=src, record_ids=val_idx) if val_idx else None)
+        super().setup(tokenizer, max_seq_length)
         if not len(self.train_dataset):
             s = self.train_dataset.stats
-            raise LitModelError(f"{src}: no usable training pair ({s['identical']} with chosen identical to rejected, "
-                                f"{s['unstable']} the chat template cannot split); add pairs whose answers differ")
+            raise LitModelError(f"{self.json_path}: no usable training pair ({s['identical']} with chosen identical to "
+                                f"rejected, {s['unstable']} the chat template cannot split); add pairs whose answers "
+                                "differ")
 
-    @property
-    def pad_id(self) -> int:
-        tok = self._tok()
-        for value in (getattr(tok, "pad_id", None), getattr(tok, "eos_id", None)):
-            if value is not None:
-                return value
-        return 0
+    def _load_records(self) -> list[dict]:
+        return load_preference_records(self.json_path)
 
-    @property
-    def stats(self) -> dict[str, dict | None]:
-        self._tok()
-        return {"train": self.train_dataset.stats, "val": self.val_dataset.stats if self.val_dataset else None}
+    def _dataset(self, records: list[dict], ids: list[int]) -> PreferenceDataset:
+        return PreferenceDataset([records[i] for i in ids], self.tokenizer, self.max_seq_length, self.prompt_style,
+                                 source=str(self.json_path), record_ids=ids)
 
-    def _tok(self):
-        if self.tokenizer is None or self.train_dataset is None:
-            raise RuntimeError("call PreferenceData.setup(tokenizer, max_seq_length) first")
-        return self.tokenizer
-
-    def train_dataloader(self, batch_size: int) -> DataLoader:
-        """Shuffled (seeded) batches of ``batch_size`` pairs (2 x batch_size rows)."""
-        self._tok()
-        return DataLoader(self.train_dataset, batch_size=batch_size, shuffle=True, num_workers=self.num_workers,
-                          generator=torch.Generator().manual_seed(self.seed),
-                          collate_fn=partial(collate_pairs, pad_id=self.pad_id))
-
-    def val_dataloader(self, batch_size: int) -> DataLoader | None:
-        self._tok()
-        if self.val_dataset is None:
-            return None
-        return DataLoader(self.val_dataset, batch_size=batch_size, shuffle=False, num_workers=self.num_workers,
-                          collate_fn=partial(collate_pairs, pad_id=self.pad_id))
-
-    def format_prompt(self, prompt: Prompt) -> list[int]:
-        """Prompt ids ending with the generation prompt (chat) or ``### Response:`` (alpaca), for samples."""
-        tok = self._tok()
-        if self.prompt_style == "chat":
-            return list(tok.apply_chat_template(_prompt_messages(prompt), add_generation_prompt=True, tokenize=True))
-        if isinstance(prompt, str):
-            return _tokenize_alpaca(tok, [(alpaca_prompt(prompt), None)])[0]
-        return _tokenize_alpaca(tok, _alpaca_turns(list(prompt), "prompt", need_answer=False))[0]
+    def _collate(self):
+        return partial(collate_pairs, pad_id=self.pad_id)
 
     def describe(self) -> str:
         """One line for the training log: sizes, prompt style, truncated and skipped pairs."""

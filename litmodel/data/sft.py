@@ -458,13 +458,21 @@ class JSONData:
         self.tokenizer = tokenizer
         self.max_seq_length = max_seq_length
         self.prompt_style = _resolve_prompt_style(tokenizer, self.prompt_style)
-        records = load_records(self.json_path)
+        records = self._load_records()
         train_idx, val_idx = split_indices(len(records), self.val_split_fraction, self.seed, self.json_path)
-        src = str(self.json_path)
-        self.train_dataset = SFTDataset([records[i] for i in train_idx], tokenizer, max_seq_length,
-                                        self.prompt_style, source=src, record_ids=train_idx)
-        self.val_dataset = (SFTDataset([records[i] for i in val_idx], tokenizer, max_seq_length, self.prompt_style,
-                                       source=src, record_ids=val_idx) if val_idx else None)
+        self.train_dataset = self._dataset(records, train_idx)
+        self.val_dataset = self._dataset(records, val_idx) if val_idx else None
+
+    # what a subclass with another record format (e.g. preference pairs) replaces
+    def _load_records(self) -> list[dict]:
+        return load_records(self.json_path)
+
+    def _dataset(self, records: list[dict], ids: list[int]) -> Dataset:
+        return SFTDataset([records[i] for i in ids], self.tokenizer, self.max_seq_length, self.prompt_style,
+                          source=str(self.json_path), record_ids=ids)
+
+    def _collate(self):
+        return partial(collate_fn, pad_id=self.pad_id)
 
     @property
     def pad_id(self) -> int:
@@ -490,8 +498,7 @@ class JSONData:
         dataset = PackedBatches(self.train_dataset, self.max_seq_length, self.seed) if self.packed \
             else self.train_dataset
         return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=self.num_workers,
-                          generator=torch.Generator().manual_seed(self.seed),
-                          collate_fn=partial(collate_fn, pad_id=self.pad_id))
+                          generator=torch.Generator().manual_seed(self.seed), collate_fn=self._collate())
 
     def val_dataloader(self, batch_size: int) -> DataLoader | None:
         """Padded (never packed) validation batches in file order; None when there is no val split."""
@@ -499,7 +506,7 @@ class JSONData:
         if self.val_dataset is None:
             return None
         return DataLoader(self.val_dataset, batch_size=batch_size, shuffle=False, num_workers=self.num_workers,
-                          collate_fn=partial(collate_fn, pad_id=self.pad_id))
+                          collate_fn=self._collate())
 
     def format_prompt(self, instruction_or_messages: str | dict | list[dict]) -> list[int]:
         """Prompt ids (ending with the generation prompt / ``### Response:``) for sampling during training.
