@@ -240,3 +240,18 @@ def test_identical_pairs_skipped_truncation_counted_ipo_precomputed(base, tmp_pa
     assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
     # IPO at the reference: h = 0, so the loss is (1 / (2 beta))^2 = 25
     assert metrics(tmp_path / "out")[1]["loss"] == pytest.approx(25.0, rel=1e-6)
+
+
+def test_data_json_short_name_resolves_for_both_recipes(base):
+    """--data JSON is the preference data for finetune/dpo.py and the SFT data for finetune/lora.py, also with both
+    modules imported in one process."""
+    from litmodel.data.preference import PreferenceData
+    from litmodel.data.sft import JSONData
+    from litmodel.finetune import finetune_lora, parse_args
+    from litmodel.finetune_dpo import finetune_dpo
+
+    argv = ["--checkpoint_dir", str(base["ckpt"]), "--data", "JSON", "--data.json_path", "x.json"]
+    dpo = parse_args(finetune_dpo, [*argv, "--dpo.beta", "0.3", "--method", "full"])
+    assert isinstance(dpo["data"], PreferenceData) and dpo["dpo"].beta == 0.3 and dpo["method"] == "full"
+    sft = parse_args(finetune_lora, argv)
+    assert isinstance(sft["data"], JSONData) and not isinstance(sft["data"], PreferenceData)

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from litmodel.data.sft import (IGNORE_INDEX, JSONData, _alpaca_turns, _resolve_prompt_style, _tokenize_alpaca,
+from litmodel.data.sft import (IGNORE_INDEX, RecordData, _alpaca_turns, _resolve_prompt_style, _tokenize_alpaca,
                                _tokenize_chat, check_messages, read_records)
 from litmodel.utils import LitModelError
 
@@ -235,9 +235,9 @@ def collate_pairs(items: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict
 
 
 # ---- the data module -----------------------------------------------------------------------------
-class PreferenceData(JSONData):
+class PreferenceData(RecordData):
     """Preference pairs from one ``.json`` or ``.jsonl`` file (see the module doc): the SFT data module
-    (`litmodel.data.sft.JSONData`: split, prompt style, loaders, `format_prompt`) with pair records, pair datasets
+    (`litmodel.data.sft.RecordData`: split, prompt style, loaders, `format_prompt`) with pair records, pair datasets
     and pair batches; never packed.
 
     ``val_split_fraction`` of the records (at least one when > 0 and there are >= 2 records) go to

@@ -425,8 +425,11 @@ def split_indices(n: int, val_split_fraction: float, seed: int, source: str | os
 
 
 # ---- the data module -----------------------------------------------------------------------------
-class JSONData:
-    """Instruction / chat finetuning data from one ``.json`` or ``.jsonl`` file (see the module doc).
+class RecordData:
+    """Records from one ``.json`` or ``.jsonl`` file, split into training and validation, tokenized, batched:
+    what the SFT data (`JSONData`) and the preference pairs (`litmodel.data.preference.PreferenceData`) share.
+    A subclass says how records are read (`_load_records`), tokenized (`_dataset`), batched (`_collate`) and
+    described (`describe`).
 
     ``val_split_fraction`` of the records (at least one when > 0 and there are >= 2 records) go to
     validation, chosen by a ``seed``-ed shuffle (the same split every run).
@@ -463,13 +466,12 @@ class JSONData:
         self.train_dataset = self._dataset(records, train_idx)
         self.val_dataset = self._dataset(records, val_idx) if val_idx else None
 
-    # what a subclass with another record format (e.g. preference pairs) replaces
+    # what a subclass says: how records are read, tokenized and batched
     def _load_records(self) -> list[dict]:
-        return load_records(self.json_path)
+        raise NotImplementedError
 
     def _dataset(self, records: list[dict], ids: list[int]) -> Dataset:
-        return SFTDataset([records[i] for i in ids], self.tokenizer, self.max_seq_length, self.prompt_style,
-                          source=str(self.json_path), record_ids=ids)
+        raise NotImplementedError
 
     def _collate(self):
         return partial(collate_fn, pad_id=self.pad_id)
@@ -490,7 +492,7 @@ class JSONData:
 
     def _tok(self):
         if self.tokenizer is None or self.train_dataset is None:
-            raise RuntimeError("call JSONData.setup(tokenizer, max_seq_length) first")
+            raise RuntimeError(f"call {type(self).__name__}.setup(tokenizer, max_seq_length) first")
         return self.tokenizer
 
     def train_dataloader(self, batch_size: int) -> DataLoader:
@@ -535,6 +537,24 @@ class JSONData:
                 raise LitModelError("format_prompt needs a conversation that ends with a user message")
         ids, _ = _tokenize_alpaca(tok, turns)
         return ids
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+
+class JSONData(RecordData):
+    """Instruction / chat finetuning data from one ``.json`` or ``.jsonl`` file (see the module doc).
+
+    ``val_split_fraction`` of the records (at least one when > 0 and there are >= 2 records) go to
+    validation, chosen by a ``seed``-ed shuffle (the same split every run).
+    """
+
+    def _load_records(self) -> list[dict]:
+        return load_records(self.json_path)
+
+    def _dataset(self, records: list[dict], ids: list[int]) -> SFTDataset:
+        return SFTDataset([records[i] for i in ids], self.tokenizer, self.max_seq_length, self.prompt_style,
+                          source=str(self.json_path), record_ids=ids)
 
     def describe(self) -> str:
         """One line for the training log: sizes, prompt style, truncations, dropped examples."""
