@@ -23,6 +23,7 @@ Batch layout: a batch of ``B`` pairs is one forward of ``2B`` rows, the chosen a
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
@@ -191,8 +192,14 @@ def precompute_reference(fabric, objective: DPOObjective, model: nn.Module, data
     was_training, saved = model.training, dataset.reference
     model.eval()
     dataset.reference = None
+    n_batches = -(-per_rank // batch_size)
+    t0, shown = time.perf_counter(), 0
     try:
-        for b in range(-(-per_rank // batch_size)):
+        for b in range(n_batches):
+            if time.perf_counter() - t0 > 10 * (shown + 1):  # long passes show progress
+                shown += 1
+                fabric.print(f"reference log-probs: batch {b}/{n_batches} per process "
+                             f"({time.perf_counter() - t0:.0f}s)")
             idx = mine[b * batch_size:(b + 1) * batch_size]
             batch = fabric.to_device(collate_pairs([dataset[i] for i in (idx or [0])], pad_id))
             logps = objective.reference_logps(model, batch).double()

@@ -170,9 +170,9 @@ def main(fabric: Fabric, spec: DPORunSpec) -> None:
         sample = (data.format_prompt(spec.eval.sample_prompt or sample_set.prompts[0]), [])
         evaluators.append(lambda fabric, model, step: print_sample(fabric, model, tokenizer, sample,
                                                                    spec.eval.max_new_tokens, step, out_dir))
-    fabric.print(f"DPO ({spec.dpo.loss}, beta {spec.dpo.beta}, reference: "
-                 f"{'precomputed' if spec.dpo.precompute_reference else 'frozen copy' if ref_model is not None else 'base with adapters disabled'}"
-                 f") for {max_steps} steps (schedule: {schedule_steps} steps, {len(train_loader) / accum:.1f} per "
+    reference = "precomputed" if spec.dpo.precompute_reference else "frozen copy" if ref_model is not None \
+        else "base with adapters disabled"
+    fabric.print(f"DPO ({spec.dpo.loss}, beta {spec.dpo.beta}, reference: {reference}) for {max_steps} steps (schedule: {schedule_steps} steps, {len(train_loader) / accum:.1f} per "
                  f"epoch) of {train.global_batch_size} pairs ({accum} micro-batch(es) of {train.micro_batch_size} "
                  f"pair(s) per process, {fabric.world_size} process(es))")
 

@@ -1,12 +1,14 @@
 """Low-rank adaptation (LoRA) for both model families, without touching the model files.
 
 ```python
-from litmodel.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable, merge_lora, save_lora, load_lora
+from litmodel.lora import (LoRAConfig, apply_lora, disable_adapters, mark_only_lora_as_trainable, merge_lora,
+                           save_lora, load_lora)
 
 cfg = LoRAConfig(r=8, alpha=16, dropout=0.05, targets=("query", "value"))
 apply_lora(model, **cfg.to_dict())           # swaps the chosen nn.Linear layers for LoRALinear, in place
 mark_only_lora_as_trainable(model)           # base weights frozen, lora_A / lora_B trainable
 ...train...
+with disable_adapters(model): ref = model(x) # the base model's output, no copy (DPO's reference)
 save_lora(out_dir, model, cfg)               # out_dir/lora.safetensors + out_dir/lora_config.yaml
 load_lora(fresh_base_model, out_dir)         # applies LoRA from lora_config.yaml and loads the weights
 merge_lora(model)                            # folds W += scaling * B @ A; plain nn.Linear again
