@@ -1,6 +1,6 @@
 """DPO step vs SFT LoRA step: tokens/s and peak memory on the same model and the same sequences.
 
-    python benchmarks/dpo.py --threads 1                  # the recorded run (~4 minutes on a shared 2-core box)
+    python benchmarks/dpo.py --pairs 2 --seq 128 --rounds 3 --threads 1   # the recorded run (~4.5 min, shared 2-core box)
     python benchmarks/dpo.py --pairs 4 --seq 512 --rounds 5
 
 SmolLM2-135M-shaped model (random weights, no download), LoRA r=8 on query and value, 32-true (the fast path
