@@ -406,7 +406,8 @@ def fit(fabric, model: nn.Module, optimizer: torch.optim.Optimizer, train_loader
         fabric.print(f"MFU below: {peak.label}" if peak.flops else peak.label)
     results: dict[str, float] = {}
     if eval.initial_validation:
-        results = _validate_and_log(fabric, model, val_loader, evaluators, loss_fn, count_fn, eval, state)
+        results = _validate_and_log(fabric, model, val_loader, evaluators, loss_fn, count_fn, eval, state,
+                                    perplexity=unit_name.endswith("tokens"))
     speed.update(state["tokens"])
     batches = cycle(train_loader)  # after a resume the first pass continues where the run stopped
     model.train()
@@ -466,7 +467,8 @@ def fit(fabric, model: nn.Module, optimizer: torch.optim.Optimizer, train_loader
                          + (f" | MFU {metrics['mfu'] * 100:.1f}%" if metrics["mfu"] == metrics["mfu"] else "")
                          + f" | ETA {eta}")
         if (eval.interval and step % eval.interval == 0) or (is_last and eval.final_validation):
-            results = _validate_and_log(fabric, model, val_loader, evaluators, loss_fn, count_fn, eval, state)
+            results = _validate_and_log(fabric, model, val_loader, evaluators, loss_fn, count_fn, eval, state,
+                                        perplexity=unit_name.endswith("tokens"))
             speed.restart()  # keep validation time out of the throughput
         if (train.save_interval and step % train.save_interval == 0) or is_last:
             state["train_loader"] = train_loader.state_dict()
@@ -507,12 +509,12 @@ def validate(fabric, model: nn.Module, batches: Iterable, max_iters: int, loss_f
 
 
 def _validate_and_log(fabric, model: nn.Module, val_loader, evaluators: Sequence[Evaluator], loss_fn: LossFn,
-                      count_fn: CountFn, eval: EvalArgs, state: dict) -> dict[str, float]:
+                      count_fn: CountFn, eval: EvalArgs, state: dict, perplexity: bool = True) -> dict[str, float]:
     t0 = time.perf_counter()
     step, results = state["step"], {}
     if val_loader is not None:
         results = validate(fabric, model, val_loader, eval.max_iters, loss_fn, count_fn)
-        if "val_loss" in results:
+        if "val_loss" in results and perplexity:  # a per-token loss (not e.g. DPO's per-pair loss)
             results["val_ppl"] = math.exp(min(results["val_loss"], 50))
     if evaluators:
         was_training = model.training

@@ -130,6 +130,7 @@ def test_lora_dpo_raises_the_held_out_margin_measured_by_transformers(base, lora
     assert "| rewards/accuracies 1.0000 | rewards/margins" in r.stdout  # shown on the step line
     val = metrics(out, "val_loss")
     assert sorted(val) == [6, 12] and "step 12: val loss" in r.stdout and "val rewards/margins" in r.stdout
+    assert "val ppl" not in r.stdout  # no perplexity of a per-pair loss
     assert val[12]["val_rewards/margins"] > val[6]["val_rewards/margins"] > 0 and val[12]["val_loss"] < 0.69
 
     convert_lit_checkpoint(base["ckpt"], tmp_path / "hf_base")
