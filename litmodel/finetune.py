@@ -38,10 +38,11 @@ from litmodel.checkpoint import (CONFIG_FILE, MODEL_FILE, SAFETENSORS_DTYPES, ch
                                  load_model, model_state_for_saving, read_safetensors_header, save_safetensors)
 from litmodel.data.sft import IGNORE_INDEX, JSON, JSONData
 from litmodel.fabric import Fabric
+from litmodel.flops import train_flops_per_token
 from litmodel.lora import (LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, LoRAConfig, apply_lora, load_lora,
                            mark_only_lora_as_trainable, merge_lora)
 from litmodel.plot import write_loss_plot
-from litmodel.flops import train_flops_per_token
+from litmodel.sharded_checkpoint import fill_from_checkpoint
 from litmodel.training import (EvalArgs, TrainArgs, accumulation_steps, build_optimizer, fit, resolve_precision,
                                resolve_resume, save_final_checkpoint)
 from litmodel.utils import LitModelError, atomic_dir
@@ -369,11 +370,14 @@ def make_loaders(fabric: Fabric, data, train: TrainArgs) -> tuple:
 def build_finetune_model(fabric: Fabric, checkpoint_dir: Path, method: str, lora: Optional[LoRAConfig] = None,
                          quantize: Optional[str] = None, max_seq_length: Optional[int] = None):
     """The set-up model to train: the checkpoint with LoRA applied and only LoRA trainable (``method="lora"``;
-    ``quantize="bnb.nf4"`` stores the frozen base in 4 bits), or with every weight trainable (``"full"``). Every
-    rank loads the checkpoint (memory-mapped); LoRA gets the same init everywhere (seeded)."""
+    ``quantize="bnb.nf4"`` stores the frozen base in 4 bits), or with every weight trainable (``"full"``).
+    Memory-mapped; under FSDP built on meta, then each rank reads only its shards. LoRA gets the same init
+    everywhere (seeded)."""
     config = load_config(checkpoint_dir)
-    on_device = fabric.device if fabric.strategy != "fsdp" else torch.device("cpu")  # FSDP moves shards itself
-    model = load_model(checkpoint_dir, device=on_device, dtype=param_dtype(fabric.precision))
+    sharded_load = fabric.strategy == "fsdp"  # on meta; after sharding each rank reads only its shards
+    model = load_model(checkpoint_dir, device="meta" if sharded_load else fabric.device,
+                       dtype=param_dtype(fabric.precision))
+    lora_rng = torch.get_rng_state()
     if method == "lora":
         apply_lora(model, **lora.to_dict())
         if quantize:
@@ -384,7 +388,10 @@ def build_finetune_model(fabric: Fabric, checkpoint_dir: Path, method: str, lora
     total = sum(p.numel() for p in model.parameters())
     fabric.print(f"model: {config.name} ({config.model_type}), {total / 1e6:.1f}M parameters, {trainable / 1e6:.3f}M "
                  f"trainable ({method}), max_seq_length {max_seq_length or config.block_size}, {fabric.precision}")
-    return fabric.setup(model)
+    model = fabric.setup(model)
+    if sharded_load:
+        fill_from_checkpoint(model, checkpoint_dir, lora_rng)
+    return model
 
 
 def resume_hooks(fabric: Fabric, model, optimizer, method: str, lora: Optional[LoRAConfig] = None):

@@ -33,6 +33,7 @@ from litmodel.fabric import Fabric
 from litmodel.finetune import (FinetuneEvalArgs, FinetuneTrainArgs, LoRAArgs, build_finetune_model, make_loaders,
                                param_dtype, prepare_run, print_sample, resume_hooks, setup_data, write_final)
 from litmodel.plot import write_loss_plot
+from litmodel.sharded_checkpoint import fill_from_checkpoint
 from litmodel.lora import LoRAConfig
 from litmodel.flops import forward_flops_per_token, train_flops_per_token
 from litmodel.training import build_optimizer, fit, resolve_resume
@@ -144,9 +145,7 @@ def main(fabric: Fabric, spec: DPORunSpec) -> None:
     # 3. the reference: precomputed log-probs, a frozen copy (full), or the policy with adapters disabled (LoRA)
     ref_model = None
     if not spec.dpo.precompute_reference and spec.method == "full":
-        ref_model = load_model(spec.checkpoint_dir, device=torch.device("cpu"), dtype=param_dtype(fabric.precision))
-        ref_model.requires_grad_(False).eval()
-        ref_model = fabric.setup(ref_model) if fabric.strategy == "fsdp" else ref_model.to(fabric.device)
+        ref_model = load_reference_copy(fabric, spec.checkpoint_dir)
     objective = DPOObjective(spec.dpo, ref_model, autocast=fabric.autocast)
     if spec.dpo.precompute_reference:
         for dataset in (data.train_dataset, data.val_dataset):
@@ -191,6 +190,18 @@ def main(fabric: Fabric, spec: DPORunSpec) -> None:
     # 7. out_dir/final: the checkpoint dir every other script reads (LoRA: adapter + merged model)
     write_final(fabric, model, spec.method, spec.lora, spec.checkpoint_dir, out_dir, spec.merge)
     write_loss_plot(fabric, out_dir)
+
+
+def load_reference_copy(fabric: Fabric, checkpoint_dir: Path) -> torch.nn.Module:
+    """A frozen copy of the starting checkpoint, full finetuning's reference: on the device, or under FSDP sharded
+    like the policy (built on meta, each rank reads only its shards). The RNG is left untouched."""
+    sharded = fabric.strategy == "fsdp"
+    ref = load_model(checkpoint_dir, device="meta" if sharded else fabric.device, dtype=param_dtype(fabric.precision))
+    if sharded:
+        with torch.random.fork_rng(devices=[]):  # setup initialises meta weights before they are overwritten
+            ref = fabric.setup(ref)
+        fill_from_checkpoint(ref, checkpoint_dir)
+    return ref.requires_grad_(False).eval()
 
 
 def setup(argv: Optional[list[str]] = None, description: str = "") -> Path:
