@@ -81,6 +81,7 @@ def finetune_dpo(checkpoint_dir: Path, data: Optional[PreferenceData] = None, ou
         out_dir: Where logs, resumable step-XXXXXX checkpoints and the final checkpoint dir (out_dir/final) go.
         method: lora (adapters on frozen weights; the reference is the base with adapters disabled) or full (every
             weight; the reference is a frozen copy, or precomputed log-probs with --dpo.precompute_reference true).
+            The default --train.lr 5e-5 suits LoRA; full finetuning wants far smaller steps (TRL's default: 1e-6).
         precision: 32-true, bf16-mixed, bf16-true, 16-mixed, 16-true, or auto (bf16-mixed where the hardware runs
             bf16 fast, else 32-true).
         devices: Processes per node (GPUs, or CPU processes).
