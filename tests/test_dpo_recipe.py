@@ -175,8 +175,9 @@ def test_fsdp_lora_killed_and_resumed_equals_one_uninterrupted_process(base, lor
 
 @pytest.mark.slow
 def test_fsdp_two_processes_equal_one(base, tmp_path):
-    """Full DPO with the frozen reference copy: 2 FSDP (gloo) processes with 1 pair each per micro-batch equal 1
-    process with 2 accumulated micro-batches at the same global batch; the precomputed reference gives the same."""
+    """Full DPO at a global batch of 4 pairs: 1 process (2 accumulated micro-batches of 2, frozen reference copy)
+    equals 2 FSDP (gloo) processes with the frozen copy sharded (1 micro-batch of 2 each) and 2 FSDP processes with
+    the reference log-probs precomputed, split over the processes (2 accumulated micro-batches of 1 each)."""
     common = ["--checkpoint_dir", base["ckpt"], *COMMON, "--data.json_path", base["train"], "--method", "full",
               "--train.lr", "0.001", "--train.warmup_steps", "0", "--train.global_batch_size", "4",
               "--train.max_steps", "3", "--train.epochs", "2",
@@ -184,8 +185,8 @@ def test_fsdp_two_processes_equal_one(base, tmp_path):
     runs = {"one": [*common, "--out_dir", tmp_path / "one", "--train.micro_batch_size", "2"],
             "fsdp": [*common, "--out_dir", tmp_path / "fsdp", "--devices", "2", "--strategy", "fsdp",
                      "--train.micro_batch_size", "2"],
-            "precomputed": [*common, "--out_dir", tmp_path / "pre", "--train.micro_batch_size", "2",
-                            "--dpo.precompute_reference", "true"]}
+            "precomputed": [*common, "--out_dir", tmp_path / "pre", "--devices", "2", "--strategy", "fsdp",
+                            "--train.micro_batch_size", "1", "--dpo.precompute_reference", "true"]}
     with ThreadPoolExecutor(2) as pool:
         results = dict(zip(runs, pool.map(lambda a: run_cli("finetune/dpo.py", a), runs.values())))
     for name, r in results.items():
