@@ -121,6 +121,10 @@ def test_truncation_cuts_the_prompt_first_and_is_counted(toks):
             assert answer_tokens(y) == answer_tokens(full_y)  # the answers are whole ...
             assert x.tolist() == full_x[len(full_x) - len(x):].tolist()  # ... the prompts lost their start
         assert len(ds[i]["chosen_input_ids"]) == n or len(ds[i]["rejected_input_ids"]) == n
+    # answers that differ only beyond max_seq_length carry no signal: skipped as identical
+    same_start = {"prompt": "Read tokens", "chosen": "Tokens read. The model", "rejected": "Tokens read. A list"}
+    ds = PreferenceDataset([same_start], tok, max_seq_length=4)
+    assert len(ds) == 0 and ds.stats["identical"] == 1
 
 
 def test_collate_puts_chosen_rows_first(toks):

@@ -21,8 +21,9 @@ Alpaca prompt, then the answer and EOS (for base models).
 Truncation. A pair whose longer sequence has more than ``max_seq_length`` input tokens loses the
 start of its prompt first (the text farthest from the answer; the same cut for chosen and
 rejected); only when one prompt token is left are the answers cut at the end. Truncated pairs are
-counted (``stats["truncated"]``). Pairs whose chosen answer equals the rejected one carry no
-preference signal: they are skipped with a warning and counted (``stats["identical"]``).
+counted (``stats["truncated"]``). Pairs whose chosen answer equals the rejected one (also: whose answers
+differ only after the cut) carry no preference signal: they are skipped with a warning and counted
+(``stats["identical"]``).
 
 Items and batches. Item ``i`` holds ``chosen_input_ids``/``chosen_labels`` and
 ``rejected_input_ids``/``rejected_labels`` (LongTensors, labels already shifted: ``-100`` except on
@@ -187,6 +188,9 @@ class PreferenceDataset(Dataset):
                 continue
             prompt_ids = c[0][: c[1]]
             prompt_ids, c_ids, r_ids, cut = truncate_pair(prompt_ids, c[0][c[1]:], r[0][r[1]:], max_seq_length)
+            if c_ids == r_ids:  # the answers differ only after the cut
+                identical += 1
+                continue
             truncated += cut
             self.pairs.append((*_row(prompt_ids, c_ids), *_row(prompt_ids, r_ids)))
             self.prompts.append(prompt)
