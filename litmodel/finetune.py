@@ -6,6 +6,8 @@ then `fabric.launch(main, ...)`. `main` loads the checkpoint dir and the data, a
 every weight trainable), calls the training loop (`litmodel.training.fit`: loss per answer token over
 the global batch, accumulation, clipping, warmup + cosine schedule, validation with a greedy sample
 answer, logging, resumable checkpoints, resume), then writes ``out_dir/final/`` and ``loss.png``.
+The steps of `main` are functions (`prepare_run`, `setup_data`, `build_finetune_model`, `make_loaders`,
+`resume_hooks`, `write_final`) that the DPO recipe (`litmodel/finetune_dpo.py`) calls too.
 
 Outputs (``out_dir``):
 
