@@ -6,6 +6,8 @@ then `fabric.launch(main, ...)`. `main` loads the checkpoint dir and the data, a
 every weight trainable), calls the training loop (`litmodel.training.fit`: loss per answer token over
 the global batch, accumulation, clipping, warmup + cosine schedule, validation with a greedy sample
 answer, logging, resumable checkpoints, resume), then writes ``out_dir/final/`` and ``loss.png``.
+The steps of `main` are functions (`prepare_run`, `setup_data`, `build_finetune_model`, `make_loaders`,
+`resume_hooks`, `write_final`) that the DPO recipe (`litmodel/finetune_dpo.py`) calls too.
 
 Outputs (``out_dir``):
 
@@ -219,7 +221,6 @@ def _run(method: str, checkpoint_dir: Path, data: Optional[JSONData], out_dir: P
     build the Fabric and launch `main`."""
     from litmodel.data.sft import load_records
     from litmodel.generate import load_tokenizer
-    from litmodel.loggers import CSVLogger, TensorBoardLogger
 
     out_dir = Path(out_dir)
     resolve_resume(out_dir, resume)  # refuse to overwrite another run
@@ -233,6 +234,31 @@ def _run(method: str, checkpoint_dir: Path, data: Optional[JSONData], out_dir: P
         from litmodel.evaluation import check_tasks  # deferred: lm-eval is an optional extra, slow to import
 
         check_tasks(eval.tasks, eval.limit, eval.include_path)
+    lora_config = lora.to_config() if method == "lora" else None
+    if quantize is not None:
+        _check_quantize(quantize, accelerator, devices, num_nodes, strategy)
+        if not train.activation_checkpointing:
+            print("note: --quantize: enabling --train.activation_checkpointing so only one block's weights are "
+                  "dequantized at a time")
+            train = FinetuneTrainArgs(**{**asdict(train), "activation_checkpointing": True})
+    fabric, hparams = prepare_run(checkpoint_dir, config, data, out_dir, precision, devices, num_nodes, strategy,
+                                  accelerator, seed, logger, train, eval)
+    hparams["method"] = method
+    if lora_config is not None:
+        hparams.update({f"lora.{k}": str(v) for k, v in lora_config.to_dict().items()}, merge=merge,
+                       quantize=quantize)
+    spec = RunSpec(method, checkpoint_dir, data, out_dir, train, eval, resume, seed, lora_config, merge, quantize,
+                   hparams)
+    fabric.launch(main, spec)
+
+
+def prepare_run(checkpoint_dir: Path, config, data, out_dir: Path, precision: str, devices: Union[int, str],
+                num_nodes: int, strategy: str, accelerator: str, seed: int, logger: str, train: TrainArgs,
+                eval: EvalArgs) -> tuple[Fabric, dict]:
+    """What every finetuning recipe (SFT, DPO) checks and builds before launching: the run length and sequence
+    length flags, the precision, the loggers, the Fabric, the batch split; returns it and the common hparams."""
+    from litmodel.loggers import CSVLogger, TensorBoardLogger
+
     if train.max_tokens is not None:
         raise LitModelError("--train.max_tokens is a pretraining budget; finetuning runs --train.epochs "
                             "(and stops early at --train.max_steps)")
@@ -241,14 +267,7 @@ def _run(method: str, checkpoint_dir: Path, data: Optional[JSONData], out_dir: P
     if train.max_seq_length is not None and train.max_seq_length > config.block_size:
         raise LitModelError(f"--train.max_seq_length {train.max_seq_length} exceeds the model's block_size "
                             f"{config.block_size}; use at most {config.block_size}")
-    lora_config = lora.to_config() if method == "lora" else None
     precision = resolve_precision(precision, accelerator)
-    if quantize is not None:
-        _check_quantize(quantize, accelerator, devices, num_nodes, strategy)
-        if not train.activation_checkpointing:
-            print("note: --quantize: enabling --train.activation_checkpointing so only one block's weights are "
-                  "dequantized at a time")
-            train = FinetuneTrainArgs(**{**asdict(train), "activation_checkpointing": True})
     loggers = []
     if logger in ("csv", "both"):
         loggers.append(CSVLogger(out_dir, name="logs"))
@@ -257,18 +276,13 @@ def _run(method: str, checkpoint_dir: Path, data: Optional[JSONData], out_dir: P
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
                     precision=precision, loggers=loggers, activation_checkpointing=train.activation_checkpointing)
     accumulation_steps(train, fabric.world_size)  # a global batch that does not divide fails here
-    hparams = dict(method=method, checkpoint_dir=str(checkpoint_dir), data=type(data).__name__,
+    hparams = dict(checkpoint_dir=str(checkpoint_dir), data=type(data).__name__,
                    **{f"data.{k}": str(v) for k, v in vars(data).items() if not k.endswith("_dataset")
                       and k not in ("tokenizer", "max_seq_length")},
                    out_dir=str(out_dir), precision=precision, devices=fabric.devices, num_nodes=num_nodes,
                    strategy=fabric.strategy, seed=seed, **{f"train.{k}": v for k, v in asdict(train).items()},
                    **{f"eval.{k}": v for k, v in asdict(eval).items()})
-    if lora_config is not None:
-        hparams.update({f"lora.{k}": str(v) for k, v in lora_config.to_dict().items()}, merge=merge,
-                       quantize=quantize)
-    spec = RunSpec(method, checkpoint_dir, data, out_dir, train, eval, resume, seed, lora_config, merge, quantize,
-                   hparams)
-    fabric.launch(main, spec)
+    return fabric, hparams
 
 
 def _check_quantize(quantize: str, accelerator: str, devices, num_nodes: int, strategy: str) -> None:
@@ -290,66 +304,30 @@ def _check_quantize(quantize: str, accelerator: str, devices, num_nodes: int, st
 
 # ---- the recipe ----------------------------------------------------------------------------------
 def main(fabric: Fabric, spec: RunSpec) -> None:
-    from litmodel.tokenizer import Tokenizer
-
     train, out_dir = spec.train, Path(spec.out_dir)
     resume_from = resolve_resume(out_dir, spec.resume)
     fabric.seed_everything(spec.seed)
 
     # 1. tokenizer and data
-    tokenizer = Tokenizer(spec.checkpoint_dir)
-    config = load_config(spec.checkpoint_dir)
-    max_seq_length = train.max_seq_length or config.block_size
+    tokenizer, config, max_seq_length = setup_data(fabric, spec.checkpoint_dir, spec.data, train)
     harness = None
-    if spec.eval.tasks:  # lm-eval tasks at each validation; names are checked now, before any training
+    if spec.eval.tasks:  # lm-eval tasks at each validation; names were checked before launching
         from litmodel.evaluation import harness_evaluator  # deferred: lm-eval is an optional extra, slow to import
 
         harness = harness_evaluator(spec.eval.tasks, tokenizer, spec.eval.limit, spec.eval.include_path,
                                     max_length=max_seq_length, batch_size=train.micro_batch_size)
     data = spec.data
-    data.setup(tokenizer, max_seq_length)
-    fabric.print(data.describe())
-    truncated = data.stats["train"]["truncated"] + (data.stats["val"] or {}).get("truncated", 0)
-    if truncated:
-        fabric.print(f"note: {truncated} example(s) longer than max_seq_length={max_seq_length} were truncated "
-                     "(raise --train.max_seq_length to keep them whole)")
 
-    # 2. the model: memory-mapped (FSDP: on meta, then each rank reads its shards); LoRA: the same init everywhere
-    dtype = _param_dtype(fabric.precision)
-    sharded_load = fabric.strategy == "fsdp"  # on meta; after sharding each rank reads only its shards
-    model = load_model(spec.checkpoint_dir, device="meta" if sharded_load else fabric.device, dtype=dtype)
-    lora_rng = torch.get_rng_state()
-    if spec.method == "lora":
-        apply_lora(model, **spec.lora.to_dict())
-        if spec.quantize:
-            quantize_nf4(model)
-        mark_only_lora_as_trainable(model)
-    model.train()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    fabric.print(f"model: {config.name} ({config.model_type}), {total / 1e6:.1f}M parameters, {trainable / 1e6:.3f}M "
-                 f"trainable ({spec.method}), max_seq_length {max_seq_length}, {fabric.precision}")
-    model = fabric.setup(model)
-    if sharded_load:
-        fill_from_checkpoint(model, spec.checkpoint_dir, lora_rng)
+    # 2. the model: LoRA on the frozen base (optionally 4-bit) or every weight trainable, set up on the devices
+    model = build_finetune_model(fabric, spec.checkpoint_dir, spec.method, spec.lora, spec.quantize, max_seq_length)
     optimizer = fabric.setup_optimizers(build_optimizer(model, train))
 
     # 3. data loaders (seeded, resumable), schedule length
-    train_loader = fabric.setup_dataloaders(data.train_dataloader(train.micro_batch_size))
-    val_loader = data.val_dataloader(train.micro_batch_size)
-    val_loader = fabric.setup_dataloaders(val_loader) if val_loader is not None else None
-    accum = accumulation_steps(train, fabric.world_size)
-    schedule_steps = math.ceil(train.epochs * len(train_loader) / accum) if train.epochs else train.max_steps
-    max_steps = min(schedule_steps, train.max_steps) if train.max_steps else schedule_steps
+    train_loader, val_loader, accum, schedule_steps, max_steps = make_loaders(fabric, data, train)
 
     # 4. what a resumable checkpoint holds: LoRA only the trainable weights and their optimizer state, gathered
     #    (small, and independent of the number of processes); full finetuning the model and optimizer
-    if spec.method == "lora":
-        state = {"lora_state": {}, "optimizer_state": {}, "lora_config": spec.lora.to_dict()}
-        save_fn = partial(save_lora_state, fabric, model, optimizer)
-        load_fn = partial(load_lora_state, fabric, model, optimizer, spec.lora)
-    else:
-        state, save_fn, load_fn = {"model": model, "optimizer": optimizer}, None, None
+    state, save_fn, load_fn = resume_hooks(fabric, model, optimizer, spec.method, spec.lora)
     if fabric.is_global_zero and resume_from is None:
         for logger in fabric.loggers:
             logger.log_hyperparams(spec.hparams)
@@ -373,21 +351,97 @@ def main(fabric: Fabric, spec: RunSpec) -> None:
         flops_per_token=train_flops_per_token(model, config, seq_len))
 
     # 6. out_dir/final: the checkpoint dir every other script reads; the loss curve
-    final = out_dir / "final"
-    if spec.method == "lora":
-        lora_state = trainable_state(model)  # collective
-        if fabric.is_global_zero:
-            write_lora_checkpoint(final, lora_state, spec.lora, spec.checkpoint_dir, merge=spec.merge)
-        fabric.barrier()
-    else:
-        save_final_checkpoint(fabric, model, model.config, final, spec.checkpoint_dir,
-                              dtype=checkpoint_dtype(spec.checkpoint_dir))
-    fabric.print(f"saved {final}" + (" (adapter only; merge with scripts/merge_lora.py)"
-                                     if spec.method == "lora" and not spec.merge else ""))
+    write_final(fabric, model, spec.method, spec.lora, spec.checkpoint_dir, out_dir, spec.merge)
     write_loss_plot(fabric, out_dir)
 
 
-def _param_dtype(precision: str) -> torch.dtype:
+# ---- pieces of every finetuning recipe (SFT here, DPO in litmodel/finetune_dpo.py) -------------------
+def setup_data(fabric: Fabric, checkpoint_dir: Path, data, train: TrainArgs, cut: str = "") -> tuple:
+    """(tokenizer, config, max_seq_length): the checkpoint's tokenizer and config, and ``data`` set up (read,
+    split, tokenized) with its one-line description and the count of truncated examples printed. ``cut``: how
+    they were truncated, for the note."""
+    from litmodel.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(checkpoint_dir)
+    config = load_config(checkpoint_dir)
+    max_seq_length = train.max_seq_length or config.block_size
+    data.setup(tokenizer, max_seq_length)
+    fabric.print(data.describe())
+    truncated = data.stats["train"]["truncated"] + (data.stats["val"] or {}).get("truncated", 0)
+    if truncated:
+        fabric.print(f"note: {truncated} example(s) longer than max_seq_length={max_seq_length} were truncated{cut} "
+                     "(raise --train.max_seq_length to keep them whole)")
+    return tokenizer, config, max_seq_length
+
+
+def make_loaders(fabric: Fabric, data, train: TrainArgs) -> tuple:
+    """(train_loader, val_loader or None, accumulation steps, schedule steps, max steps): seeded, resumable loaders
+    of ``train.micro_batch_size`` and the run length in optimizer steps (epochs, capped by max_steps)."""
+    train_loader = fabric.setup_dataloaders(data.train_dataloader(train.micro_batch_size))
+    val_loader = data.val_dataloader(train.micro_batch_size)
+    val_loader = fabric.setup_dataloaders(val_loader) if val_loader is not None else None
+    accum = accumulation_steps(train, fabric.world_size)
+    schedule_steps = math.ceil(train.epochs * len(train_loader) / accum) if train.epochs else train.max_steps
+    max_steps = min(schedule_steps, train.max_steps) if train.max_steps else schedule_steps
+    return train_loader, val_loader, accum, schedule_steps, max_steps
+
+
+def build_finetune_model(fabric: Fabric, checkpoint_dir: Path, method: str, lora: Optional[LoRAConfig] = None,
+                         quantize: Optional[str] = None, max_seq_length: Optional[int] = None):
+    """The set-up model to train: the checkpoint with LoRA applied and only LoRA trainable (``method="lora"``;
+    ``quantize="bnb.nf4"`` stores the frozen base in 4 bits), or with every weight trainable (``"full"``).
+    Memory-mapped; under FSDP built on meta, then each rank reads only its shards. LoRA gets the same init
+    everywhere (seeded)."""
+    config = load_config(checkpoint_dir)
+    sharded_load = fabric.strategy == "fsdp"  # on meta; after sharding each rank reads only its shards
+    model = load_model(checkpoint_dir, device="meta" if sharded_load else fabric.device,
+                       dtype=param_dtype(fabric.precision))
+    lora_rng = torch.get_rng_state()
+    if method == "lora":
+        apply_lora(model, **lora.to_dict())
+        if quantize:
+            quantize_nf4(model)
+        mark_only_lora_as_trainable(model)
+    model.train()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    fabric.print(f"model: {config.name} ({config.model_type}), {total / 1e6:.1f}M parameters, {trainable / 1e6:.3f}M "
+                 f"trainable ({method}), max_seq_length {max_seq_length or config.block_size}, {fabric.precision}")
+    model = fabric.setup(model)
+    if sharded_load:
+        fill_from_checkpoint(model, checkpoint_dir, lora_rng)
+    return model
+
+
+def resume_hooks(fabric: Fabric, model, optimizer, method: str, lora: Optional[LoRAConfig] = None):
+    """(state, save_fn, load_fn) for the loop: what a resumable checkpoint holds. LoRA: only the trainable weights
+    and their optimizer state, gathered (small, and independent of the number of processes); full finetuning: the
+    model and optimizer (the loop's default save/load)."""
+    if method == "lora":
+        state = {"lora_state": {}, "optimizer_state": {}, "lora_config": lora.to_dict()}
+        return (state, partial(save_lora_state, fabric, model, optimizer),
+                partial(load_lora_state, fabric, model, optimizer, lora))
+    return {"model": model, "optimizer": optimizer}, None, None
+
+
+def write_final(fabric: Fabric, model, method: str, lora: Optional[LoRAConfig], checkpoint_dir: Path, out_dir: Path,
+                merge: bool = True) -> Path:
+    """``out_dir/final``: the checkpoint dir every other script reads. LoRA: the adapter and (``merge``) the merged
+    model; full: the weights in the checkpoint's dtype. Collective: every rank calls it."""
+    final = Path(out_dir) / "final"
+    if method == "lora":
+        lora_state = trainable_state(model)  # collective
+        if fabric.is_global_zero:
+            write_lora_checkpoint(final, lora_state, lora, checkpoint_dir, merge=merge)
+        fabric.barrier()
+    else:
+        save_final_checkpoint(fabric, model, model.config, final, checkpoint_dir, dtype=checkpoint_dtype(checkpoint_dir))
+    fabric.print(f"saved {final}" + (" (adapter only; merge with scripts/merge_lora.py)"
+                                     if method == "lora" and not merge else ""))
+    return final
+
+
+def param_dtype(precision: str) -> torch.dtype:
     return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision, torch.float32)
 
 

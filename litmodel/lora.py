@@ -1,12 +1,14 @@
 """Low-rank adaptation (LoRA) for both model families, without touching the model files.
 
 ```python
-from litmodel.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable, merge_lora, save_lora, load_lora
+from litmodel.lora import (LoRAConfig, apply_lora, disable_adapters, mark_only_lora_as_trainable, merge_lora,
+                           save_lora, load_lora)
 
 cfg = LoRAConfig(r=8, alpha=16, dropout=0.05, targets=("query", "value"))
 apply_lora(model, **cfg.to_dict())           # swaps the chosen nn.Linear layers for LoRALinear, in place
 mark_only_lora_as_trainable(model)           # base weights frozen, lora_A / lora_B trainable
 ...train...
+with disable_adapters(model): ref = model(x) # the base model's output, no copy (DPO's reference)
 save_lora(out_dir, model, cfg)               # out_dir/lora.safetensors + out_dir/lora_config.yaml
 load_lora(fresh_base_model, out_dir)         # applies LoRA from lora_config.yaml and loads the weights
 merge_lora(model)                            # folds W += scaling * B @ A; plain nn.Linear again
@@ -29,11 +31,12 @@ The forward pass computes ``a = dropout(x) @ lora_A.T * scaling`` once, then per
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -49,6 +52,7 @@ _QKV = ("query", "key", "value")
 
 __all__ = [
     "LORA_CONFIG_FILE", "LORA_WEIGHTS_FILE", "TARGETS", "LoRAConfig", "LoRAGroupedLinear", "LoRALinear", "apply_lora",
+    "disable_adapters",
     "load_lora",
     "lora_modules", "lora_state_dict", "mark_only_lora_as_trainable", "merge_lora", "save_lora",
 ]
@@ -154,6 +158,7 @@ class LoRALinear(nn.Module):
         factory = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(n_enabled * r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(enabled_rows, r, **factory))
+        self.disabled = False  # set by `disable_adapters`: the base layer alone (e.g. DPO's reference model)
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -167,6 +172,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
+        if self.disabled:
+            return out
         h = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
         a = F.linear(h, self.lora_A.to(x.dtype)) * self.scaling  # (..., n_enabled * r)
         B = self.lora_B.to(x.dtype)
@@ -219,6 +226,7 @@ class LoRAGroupedLinear(nn.Module):
         factory = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(n_expert, r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(n_expert, self.out_features, r, **factory))
+        self.disabled = False  # set by `disable_adapters`: the experts' base weights alone
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -230,6 +238,8 @@ class LoRAGroupedLinear(nn.Module):
         from litmodel.layers import grouped_mm
 
         out = grouped_mm(x, self.weight, counts)
+        if self.disabled:
+            return out
         h = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
         a = grouped_mm(h, self.lora_A.to(x.dtype), counts) * self.scaling
         return out + grouped_mm(a, self.lora_B.to(x.dtype), counts)
@@ -312,6 +322,21 @@ def apply_lora(model: nn.Module, targets: str | Iterable[str] = ("query", "value
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear | LoRAGroupedLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAGroupedLinear))}
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block every LoRA layer (`LoRALinear`, `LoRAGroupedLinear`) computes its base layer alone, so ``model`` is the untouched base
+    model (no copy: DPO's reference model under LoRA). Works inside FSDP/DDP wrappers; restored on exit."""
+    mods = list(lora_modules(model).values())
+    before = [m.disabled for m in mods]
+    for m in mods:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, was in zip(mods, before):
+            m.disabled = was
 
 
 def _is_lora_name(name: str) -> bool:

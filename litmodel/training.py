@@ -341,7 +341,8 @@ def fit(fabric, model: nn.Module, optimizer: torch.optim.Optimizer, train_loader
         tokens_fn: Callable[[Any], int] = count_input_tokens, unit_name: str = "target_tokens",
         val_loader: Iterable | None = None, evaluators: Sequence[Evaluator] = (), state: dict | None = None,
         resume_from: Path | None = None, save_fn: Callable[[Path, dict], None] | None = None,
-        load_fn: Callable[[Path, dict], None] | None = None, flops_per_token: float | None = None) -> dict:
+        load_fn: Callable[[Path, dict], None] | None = None, flops_per_token: float | None = None,
+        show: Sequence[str] = ()) -> dict:
     """Train until ``state["step"] == max_steps``; the one loop of every recipe.
 
     The recipe gives the set-up ``model`` and ``optimizer``, ``train_loader`` (iterated forever, one
@@ -373,7 +374,8 @@ def fit(fabric, model: nn.Module, optimizer: torch.optim.Optimizer, train_loader
     ``step-XXXXXX/`` DCP dir when ``state`` holds an FSDP model). ``resume_from``: such a checkpoint,
     loaded with ``load_fn(path, state)`` (default ``fabric.load``) before the first step.
     ``flops_per_token``: training FLOPs per token read (`litmodel.flops.train_flops_per_token`), for MFU
-    against `litmodel.flops.peak_flops` (None: no MFU).
+    against `litmodel.flops.peak_flops` (None: no MFU). ``show``: metric names (of ``loss_fn``) also printed
+    on the step line (e.g. DPO's ``rewards/accuracies``); every metric is logged either way.
     Returns ``{"step", "tokens", "units", "val_loss", ...}``: the counters and the last validation.
     """
     out_dir = Path(out_dir)
@@ -395,7 +397,8 @@ def fit(fabric, model: nn.Module, optimizer: torch.optim.Optimizer, train_loader
         fabric.print(f"MFU below: {peak.label}" if peak.flops else peak.label)
     results: dict[str, float] = {}
     if eval.initial_validation:
-        results = _validate_and_log(fabric, model, val_loader, evaluators, loss_fn, count_fn, eval, state)
+        results = _validate_and_log(fabric, model, val_loader, evaluators, loss_fn, count_fn, eval, state,
+                                    perplexity=unit_name.endswith("tokens"))
     speed.update(state["tokens"])
     batches = cycle(train_loader)  # after a resume the first pass continues where the run stopped
     model.train()
@@ -449,12 +452,14 @@ def fit(fabric, model: nn.Module, optimizer: torch.optim.Optimizer, train_loader
             fabric.log_dict(metrics, step=step)
             eta = format_eta((max_steps - step) * speed.seconds_per_step())
             fabric.print(f"step {step}/{max_steps}" + (f" | epoch {epoch:.2f}" if epoch is not None else "")
-                         + f" | loss {metrics.get('loss', float('nan')):.4f} | lr {lr:.2e} | "
+                         + f" | loss {metrics.get('loss', float('nan')):.4f}"
+                         + "".join(f" | {k} {metrics[k]:.4f}" for k in show if k in metrics) + f" | lr {lr:.2e} | "
                          f"{metrics['tokens_per_sec']:.0f} tok/s"
                          + (f" | MFU {metrics['mfu'] * 100:.1f}%" if metrics["mfu"] == metrics["mfu"] else "")
                          + f" | ETA {eta}")
         if (eval.interval and step % eval.interval == 0) or (is_last and eval.final_validation):
-            results = _validate_and_log(fabric, model, val_loader, evaluators, loss_fn, count_fn, eval, state)
+            results = _validate_and_log(fabric, model, val_loader, evaluators, loss_fn, count_fn, eval, state,
+                                        perplexity=unit_name.endswith("tokens"))
             speed.restart()  # keep validation time out of the throughput
         if (train.save_interval and step % train.save_interval == 0) or is_last:
             state["train_loader"] = train_loader.state_dict()
@@ -495,12 +500,12 @@ def validate(fabric, model: nn.Module, batches: Iterable, max_iters: int, loss_f
 
 
 def _validate_and_log(fabric, model: nn.Module, val_loader, evaluators: Sequence[Evaluator], loss_fn: LossFn,
-                      count_fn: CountFn, eval: EvalArgs, state: dict) -> dict[str, float]:
+                      count_fn: CountFn, eval: EvalArgs, state: dict, perplexity: bool = True) -> dict[str, float]:
     t0 = time.perf_counter()
     step, results = state["step"], {}
     if val_loader is not None:
         results = validate(fabric, model, val_loader, eval.max_iters, loss_fn, count_fn)
-        if "val_loss" in results:
+        if "val_loss" in results and perplexity:  # a per-token loss (not e.g. DPO's per-pair loss)
             results["val_ppl"] = math.exp(min(results["val_loss"], 50))
     if evaluators:
         was_training = model.training

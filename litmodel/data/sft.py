@@ -77,6 +77,16 @@ __all__ = [
 def load_records(json_path: str | os.PathLike) -> list[dict]:
     """The validated records of a ``.json`` (list) or ``.jsonl`` file; one-line errors otherwise."""
     path = Path(json_path)
+    records = read_records(path, "add Alpaca records (instruction, input, output) or chat records (messages)")
+    for i, rec in enumerate(records):
+        _check_record(rec, i, path)
+    return records
+
+
+def read_records(json_path: str | os.PathLike, what: str) -> list:
+    """The records of a ``.json`` (list) or ``.jsonl`` file, unchecked; one-line errors for a missing, unreadable
+    or empty file (``what``: how to fill an empty one)."""
+    path = Path(json_path)
     suffix = path.suffix.lower()
     if suffix not in (".json", ".jsonl"):
         raise LitModelError(f"unknown data file format {path.suffix or path.name!r} ({path}); pass a .json file "
@@ -105,11 +115,24 @@ def load_records(json_path: str | os.PathLike) -> list[dict]:
                 raise LitModelError(f"{path} line {lineno} is not valid JSON ({err.msg}); "
                                     "a .jsonl file needs one JSON object per line") from None
     if not records:
-        raise LitModelError(f"{path} contains no records; add Alpaca records (instruction, input, output) "
-                            "or chat records (messages)")
-    for i, rec in enumerate(records):
-        _check_record(rec, i, path)
+        raise LitModelError(f"{path} contains no records; {what}")
     return records
+
+
+def check_messages(msgs: Any, where: str, key: str = "messages") -> None:
+    """A non-empty list of ``{role, content}`` string objects with known roles, else a one-line error."""
+    if not isinstance(msgs, list) or not msgs:
+        raise LitModelError(f"{where}: '{key}' must be a non-empty list of {{role, content}} objects")
+    for j, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise LitModelError(f"{where}: {key}[{j}] is not an object; use {{\"role\": ..., \"content\": ...}}")
+        for field in ("role", "content"):
+            if field not in m:
+                raise LitModelError(f"{where}: {key}[{j}] is missing key {field!r}")
+            if not isinstance(m[field], str):
+                raise LitModelError(f"{where}: {key}[{j}].{field} must be a string, got {type(m[field]).__name__}")
+        if m["role"] not in ROLES:
+            raise LitModelError(f"{where}: {key}[{j}] has unknown role {m['role']!r}; use one of {', '.join(ROLES)}")
 
 
 def _check_record(rec: Any, i: int, path: Path) -> None:
@@ -119,20 +142,7 @@ def _check_record(rec: Any, i: int, path: Path) -> None:
                             "instruction/output keys (Alpaca) or a messages key (chat)")
     if "messages" in rec:
         msgs = rec["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise LitModelError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
-        for j, m in enumerate(msgs):
-            if not isinstance(m, dict):
-                raise LitModelError(f"{where}: messages[{j}] is not an object; use {{\"role\": ..., \"content\": ...}}")
-            for key in ("role", "content"):
-                if key not in m:
-                    raise LitModelError(f"{where}: messages[{j}] is missing key {key!r}")
-                if not isinstance(m[key], str):
-                    raise LitModelError(f"{where}: messages[{j}].{key} must be a string, got "
-                                        f"{type(m[key]).__name__}")
-            if m["role"] not in ROLES:
-                raise LitModelError(f"{where}: messages[{j}] has unknown role {m['role']!r}; use one of "
-                                    f"{', '.join(ROLES)}")
+        check_messages(msgs, where)
         if not any(m["role"] == "assistant" for m in msgs):
             raise LitModelError(f"{where} has no assistant message, so nothing to learn; add one or remove the record")
         return
@@ -399,9 +409,27 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
                            reduction=reduction)
 
 
+# ---- splitting ----------------------------------------------------------------------------------
+def split_indices(n: int, val_split_fraction: float, seed: int, source: str | os.PathLike) -> tuple[list[int], list[int]]:
+    """(train, validation) record indices: ``val_split_fraction`` of ``n`` (at least one when > 0 and n >= 2),
+    chosen by a ``seed``-ed shuffle (the same split every run), each list sorted."""
+    n_val = int(round(n * val_split_fraction))
+    if val_split_fraction > 0 and n_val == 0 and n >= 2:
+        n_val = 1
+    if n_val >= n:
+        raise LitModelError(f"{source}: {n} record(s) leave nothing for training with "
+                            f"val_split_fraction={val_split_fraction}; add records or lower it")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
 # ---- the data module -----------------------------------------------------------------------------
-class JSONData:
-    """Instruction / chat finetuning data from one ``.json`` or ``.jsonl`` file (see the module doc).
+class RecordData:
+    """Records from one ``.json`` or ``.jsonl`` file, split into training and validation, tokenized, batched:
+    what the SFT data (`JSONData`) and the preference pairs (`litmodel.data.preference.PreferenceData`) share.
+    A subclass says how records are read (`_load_records`), tokenized (`_dataset`), batched (`_collate`) and
+    described (`describe`).
 
     ``val_split_fraction`` of the records (at least one when > 0 and there are >= 2 records) go to
     validation, chosen by a ``seed``-ed shuffle (the same split every run).
@@ -433,22 +461,20 @@ class JSONData:
         self.tokenizer = tokenizer
         self.max_seq_length = max_seq_length
         self.prompt_style = _resolve_prompt_style(tokenizer, self.prompt_style)
-        records = load_records(self.json_path)
-        n = len(records)
-        n_val = int(round(n * self.val_split_fraction))
-        if self.val_split_fraction > 0 and n_val == 0 and n >= 2:
-            n_val = 1
-        if n_val >= n:
-            raise LitModelError(f"{self.json_path}: {n} record(s) leave nothing for training with "
-                                f"val_split_fraction={self.val_split_fraction}; add records or lower it")
-        order = list(range(n))
-        random.Random(self.seed).shuffle(order)
-        val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
-        src = str(self.json_path)
-        self.train_dataset = SFTDataset([records[i] for i in train_idx], tokenizer, max_seq_length,
-                                        self.prompt_style, source=src, record_ids=train_idx)
-        self.val_dataset = (SFTDataset([records[i] for i in val_idx], tokenizer, max_seq_length, self.prompt_style,
-                                       source=src, record_ids=val_idx) if val_idx else None)
+        records = self._load_records()
+        train_idx, val_idx = split_indices(len(records), self.val_split_fraction, self.seed, self.json_path)
+        self.train_dataset = self._dataset(records, train_idx)
+        self.val_dataset = self._dataset(records, val_idx) if val_idx else None
+
+    # what a subclass says: how records are read, tokenized and batched
+    def _load_records(self) -> list[dict]:
+        raise NotImplementedError
+
+    def _dataset(self, records: list[dict], ids: list[int]) -> Dataset:
+        raise NotImplementedError
+
+    def _collate(self):
+        return partial(collate_fn, pad_id=self.pad_id)
 
     @property
     def pad_id(self) -> int:
@@ -466,7 +492,7 @@ class JSONData:
 
     def _tok(self):
         if self.tokenizer is None or self.train_dataset is None:
-            raise RuntimeError("call JSONData.setup(tokenizer, max_seq_length) first")
+            raise RuntimeError(f"call {type(self).__name__}.setup(tokenizer, max_seq_length) first")
         return self.tokenizer
 
     def train_dataloader(self, batch_size: int) -> DataLoader:
@@ -474,8 +500,7 @@ class JSONData:
         dataset = PackedBatches(self.train_dataset, self.max_seq_length, self.seed) if self.packed \
             else self.train_dataset
         return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=self.num_workers,
-                          generator=torch.Generator().manual_seed(self.seed),
-                          collate_fn=partial(collate_fn, pad_id=self.pad_id))
+                          generator=torch.Generator().manual_seed(self.seed), collate_fn=self._collate())
 
     def val_dataloader(self, batch_size: int) -> DataLoader | None:
         """Padded (never packed) validation batches in file order; None when there is no val split."""
@@ -483,7 +508,7 @@ class JSONData:
         if self.val_dataset is None:
             return None
         return DataLoader(self.val_dataset, batch_size=batch_size, shuffle=False, num_workers=self.num_workers,
-                          collate_fn=partial(collate_fn, pad_id=self.pad_id))
+                          collate_fn=self._collate())
 
     def format_prompt(self, instruction_or_messages: str | dict | list[dict]) -> list[int]:
         """Prompt ids (ending with the generation prompt / ``### Response:``) for sampling during training.
@@ -512,6 +537,24 @@ class JSONData:
                 raise LitModelError("format_prompt needs a conversation that ends with a user message")
         ids, _ = _tokenize_alpaca(tok, turns)
         return ids
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+
+class JSONData(RecordData):
+    """Instruction / chat finetuning data from one ``.json`` or ``.jsonl`` file (see the module doc).
+
+    ``val_split_fraction`` of the records (at least one when > 0 and there are >= 2 records) go to
+    validation, chosen by a ``seed``-ed shuffle (the same split every run).
+    """
+
+    def _load_records(self) -> list[dict]:
+        return load_records(self.json_path)
+
+    def _dataset(self, records: list[dict], ids: list[int]) -> SFTDataset:
+        return SFTDataset([records[i] for i in ids], self.tokenizer, self.max_seq_length, self.prompt_style,
+                          source=str(self.json_path), record_ids=ids)
 
     def describe(self) -> str:
         """One line for the training log: sizes, prompt style, truncations, dropped examples."""

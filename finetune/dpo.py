@@ -1,0 +1,24 @@
+"""Preference-tune a model with DPO (direct preference optimisation) on prompt / chosen / rejected pairs.
+
+    python finetune/dpo.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct \\
+        --data JSON --data.json_path prefs.json --out_dir out/finetune/smollm2-dpo
+    python finetune/dpo.py --checkpoint_dir out/finetune/smollm2-lora/final --data JSON --data.json_path prefs.json \\
+        --method full --dpo.beta 0.1 --dpo.precompute_reference true --devices 2 --strategy fsdp
+
+Records are TRL's: {"prompt": str or chat messages, "chosen": str or assistant message, "rejected": ...}.
+out_dir/final/ is written as by finetune/lora.py and finetune/full.py (LoRA: lora.safetensors + the merged
+model), so generate/chat.py, scripts/convert_lit_checkpoint.py and evaluation read it as is.
+The recipe itself is litmodel/finetune_dpo.py: read it top to bottom. The loss: litmodel/dpo.py.
+"""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # also runs from a checkout that was not pip-installed
+
+from litmodel.finetune_dpo import setup  # noqa: E402
+from litmodel.utils import cli_main  # noqa: E402
+
+if __name__ == "__main__":
+    cli_main(setup)(description=__doc__)
