@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
+from litmodel.nf4 import NF4Linear, dequantize_nf4, is_nf4, nf4_linear
 from litmodel.utils import LitModelError, atomic_file
 
 LORA_WEIGHTS_FILE = "lora.safetensors"
@@ -165,7 +166,7 @@ class LoRALinear(nn.Module):
         return len(self.segments) == 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = nf4_linear(x, self.weight, self.bias)  # F.linear, or the NF4 kernel when the base weight is 4-bit (QLoRA)
         h = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
         a = F.linear(h, self.lora_A.to(x.dtype)) * self.scaling  # (..., n_enabled * r)
         B = self.lora_B.to(x.dtype)
@@ -309,7 +310,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, m in lora_modules(model).items():
         W = m.weight
         delta = m.delta_weight(torch.float32).to(W.device)
-        if counts.get(id(W), 0) > 1:  # shared (tied head): a new tensor, never touch the embedding
+        if is_nf4(W):  # QLoRA: the merged weight is dense (dequantized base + update)
+            new_w = nn.Parameter((dequantize_nf4(W, torch.float32) + delta).to(W.dtype), requires_grad=False)
+        elif counts.get(id(W), 0) > 1:  # shared (tied head): a new tensor, never touch the embedding
             new_w = nn.Parameter((W.float() + delta).to(W.dtype), requires_grad=W.requires_grad)
             untied = True
         else:
@@ -325,7 +328,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
 def _remove_lora(model: nn.Module) -> None:
     """Undo `apply_lora` without merging: plain nn.Linear layers with the same weight/bias Parameters."""
     for name, m in lora_modules(model).items():
-        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        cls = NF4Linear if is_nf4(m.weight) else nn.Linear
+        linear = cls(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         linear.weight = m.weight
         if m.bias is not None:
             linear.bias = m.bias
