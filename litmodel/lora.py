@@ -258,7 +258,8 @@ def apply_lora(model: nn.Module, targets: str | Iterable[str] = ("query", "value
             raise LitModelError(f"{name} already has LoRA; apply LoRA once (or merge_lora first)")
         if not isinstance(layer, nn.Linear):
             raise LitModelError(f"{name} is a {type(layer).__name__}, not an nn.Linear; cannot apply LoRA to it")
-        _set_submodule(model, name, LoRALinear(layer, r=r, alpha=alpha, dropout=dropout, segments=segments))
+        lora = LoRALinear(layer, r=r, alpha=alpha, dropout=dropout, segments=segments)
+        _set_submodule(model, name, lora.train(layer.training))  # an eval-mode model stays in eval mode (no dropout)
     return model
 
 
