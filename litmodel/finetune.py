@@ -3,9 +3,9 @@
 Read it top to bottom: `finetune_lora` / `finetune_full` are the command-line entry points (their
 arguments are the flags); they check the inputs before any process starts or any file is written,
 then `fabric.launch(main, ...)`. `main` loads the checkpoint dir and the data, applies LoRA (or keeps
-every weight trainable), restores a run when asked, calls `fit`, then writes ``out_dir/final/``.
-`fit` is the loop: gradient accumulation, clipping, warmup + cosine schedule, periodic validation
-with a greedy sample answer, logging and resumable checkpoints.
+every weight trainable), calls the training loop (`litmodel.training.fit`: loss per answer token over
+the global batch, accumulation, clipping, warmup + cosine schedule, validation with a greedy sample
+answer, logging, resumable checkpoints, resume), then writes ``out_dir/final/`` and ``loss.png``.
 
 Outputs (``out_dir``):
 
@@ -25,11 +25,9 @@ import dataclasses
 
 import contextlib
 import math
-import os
 import shutil
-import signal
-import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -38,14 +36,14 @@ import torch.nn as nn
 
 from litmodel.checkpoint import (CONFIG_FILE, MODEL_FILE, SAFETENSORS_DTYPES, check_checkpoint_dir, load_config,
                                  load_model, model_state_for_saving, read_safetensors_header, save_safetensors)
-from litmodel.data.sft import IGNORE_INDEX, JSON, JSONData, sft_loss
-from litmodel.fabric import Fabric, capture_rng_state, restore_rng_state
+from litmodel.data.sft import IGNORE_INDEX, JSON, JSONData
+from litmodel.fabric import Fabric
 from litmodel.lora import (LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, LoRAConfig, apply_lora, load_lora,
                            mark_only_lora_as_trainable, merge_lora)
-from litmodel.training import (EvalArgs, SpeedMonitor, TrainArgs, accumulation_steps, build_optimizer,
-                               cpu_supports_fast_bf16, flops_per_token, format_eta, lr_at, measure_peak_flops,
-                               memory_mb, prune_step_dirs, resolve_precision, resolve_resume,
-                               save_final_checkpoint, set_lr, step_dir)
+from litmodel.plot import write_loss_plot
+from litmodel.flops import train_flops_per_token
+from litmodel.training import (EvalArgs, TrainArgs, accumulation_steps, build_optimizer, fit, resolve_precision,
+                               resolve_resume, save_final_checkpoint)
 from litmodel.utils import LitModelError, atomic_dir
 
 QUANTIZE_MODES = ("bnb.nf4",)
@@ -319,40 +317,41 @@ def main(fabric: Fabric, spec: RunSpec) -> None:
     optimizer = fabric.setup_optimizers(build_optimizer(model, train))
 
     # 3. data loaders (seeded, resumable), schedule length
-    train_loader = data.train_dataloader(train.micro_batch_size)
-    train_loader.collate_fn = CountTokens(train_loader.collate_fn)
-    train_loader = fabric.setup_dataloaders(train_loader)
+    train_loader = fabric.setup_dataloaders(data.train_dataloader(train.micro_batch_size))
     val_loader = data.val_dataloader(train.micro_batch_size)
     val_loader = fabric.setup_dataloaders(val_loader) if val_loader is not None else None
     accum = accumulation_steps(train, fabric.world_size)
     schedule_steps = math.ceil(train.epochs * len(train_loader) / accum) if train.epochs else train.max_steps
     max_steps = min(schedule_steps, train.max_steps) if train.max_steps else schedule_steps
 
-    # 4. resume: trainable weights (LoRA) or the model, optimizer, counters, RNG, data position
-    state = {"step": 0, "tokens": 0, "useful_tokens": 0, "train_loader": {}, "rng": {}}
+    # 4. what a resumable checkpoint holds: LoRA only the trainable weights and their optimizer state, gathered
+    #    (small, and independent of the number of processes); full finetuning the model and optimizer
     if spec.method == "lora":
-        state.update(lora_state={}, optimizer_state={}, lora_config=spec.lora.to_dict())
+        state = {"lora_state": {}, "optimizer_state": {}, "lora_config": spec.lora.to_dict()}
+        save_fn = partial(save_lora_state, fabric, model, optimizer)
+        load_fn = partial(load_lora_state, fabric, model, optimizer, spec.lora)
     else:
-        state.update(model=model, optimizer=optimizer)
-    if resume_from is not None:
-        fabric.load(resume_from, state)
-        if spec.method == "lora":
-            load_trainable_state(fabric, model, optimizer, state, resume_from, spec.lora)
-        train_loader.load_state_dict(state["train_loader"])
-        restore_rng_state(state["rng"])
-        fabric.print(f"resumed from {resume_from} at step {state['step']}")
-
+        state, save_fn, load_fn = {"model": model, "optimizer": optimizer}, None, None
     if fabric.is_global_zero and resume_from is None:
         for logger in fabric.loggers:
             logger.log_hyperparams(spec.hparams)
-    sample = sample_prompt(data, spec.eval.sample_prompt)
+    evaluators = []
+    if spec.eval.max_new_tokens > 0:  # a greedy answer to a fixed prompt at each validation
+        sample = sample_prompt(data, spec.eval.sample_prompt)
+        evaluators.append(lambda fabric, model, step: print_sample(fabric, model, tokenizer, sample,
+                                                                   spec.eval.max_new_tokens, step, out_dir))
     fabric.print(f"training for {max_steps} steps (schedule: {schedule_steps} steps, "
                  f"{len(train_loader) / accum:.1f} per epoch) of {train.global_batch_size} sequences "
                  f"({accum} micro-batch(es) of {train.micro_batch_size} per process, {fabric.world_size} process(es))")
-    fit(fabric, model, optimizer, train_loader, val_loader, state, spec, max_steps, schedule_steps, accum,
-        tokenizer, sample)
 
-    # 5. out_dir/final: the checkpoint dir every other script reads
+    # 5. the loop (litmodel/training.py): loss per answer token over the global batch
+    seq_len = data.max_seq_length if data.packed else _mean_length(data)
+    fit(fabric, model, optimizer, train_loader, train=train, eval=spec.eval, out_dir=out_dir, max_steps=max_steps,
+        schedule_steps=schedule_steps, val_loader=val_loader, evaluators=evaluators, state=state,
+        resume_from=resume_from, save_fn=save_fn, load_fn=load_fn,
+        flops_per_token=train_flops_per_token(model, config, seq_len))
+
+    # 6. out_dir/final: the checkpoint dir every other script reads; the loss curve
     final = out_dir / "final"
     if spec.method == "lora":
         lora_state = trainable_state(model)  # collective
@@ -364,128 +363,11 @@ def main(fabric: Fabric, spec: RunSpec) -> None:
                               dtype=checkpoint_dtype(spec.checkpoint_dir))
     fabric.print(f"saved {final}" + (" (adapter only; merge with scripts/merge_lora.py)"
                                      if spec.method == "lora" and not spec.merge else ""))
-
-
-def fit(fabric: Fabric, model, optimizer, train_loader, val_loader, state: dict, spec: RunSpec, max_steps: int,
-        schedule_steps: int, accum: int, tokenizer, sample: tuple[list[int], list[int]]) -> None:
-    train, eval, out_dir = spec.train, spec.eval, Path(spec.out_dir)
-    config = model.config
-    sharded = fabric.strategy == "fsdp" and spec.method == "full"
-    peak = measure_peak_flops(_matmul_dtype(fabric.precision), fabric.device, size=_peak_size(fabric),
-                              seconds=0.3)
-    fpt = flops_per_token(config, spec.data.max_seq_length if spec.data.packed else _mean_length(spec.data),
-                          backward="lora" if spec.method == "lora" else "full")
-    speed = SpeedMonitor(fpt, peak, fabric.world_size)
-    useful_speed = SpeedMonitor(fpt, None, fabric.world_size)
-    val_loss = None
-    if eval.initial_validation and val_loader is not None:
-        val_loss = validate(fabric, model, val_loader, eval.max_iters)
-        fabric.print(f"step {state['step']}: val loss {val_loss:.4f}")
-    speed.update(state["tokens"])
-    useful_speed.update(state["useful_tokens"])
-    batches = _forever(train_loader)
-    model.train()
-    while state["step"] < max_steps:
-        lr = lr_at(state["step"], train, schedule_steps)
-        set_lr(optimizer, lr)
-        loss_sum = torch.zeros((), device=fabric.device)
-        counts = torch.zeros(2, dtype=torch.long, device=fabric.device)  # processed, useful tokens
-        for micro_step in range(accum):
-            batch = next(batches)
-            with fabric.no_backward_sync(model, enabled=micro_step < accum - 1):
-                logits = model(batch["input_ids"], positions=batch.get("positions"), mask=batch.get("mask"))
-                loss = sft_loss(logits, batch["labels"])
-                fabric.backward(loss / accum)
-            loss_sum += loss.detach()
-            counts += torch.stack([torch.tensor(batch["input_ids"].numel(), device=fabric.device),
-                                   batch["n_tokens"].to(fabric.device)])
-        grad_norm = fabric.clip_gradients(model, optimizer, max_norm=train.max_norm) if train.max_norm else None
-        fabric.step(optimizer)
-        optimizer.zero_grad(set_to_none=True)
-        counts = fabric.all_reduce(counts, op="sum")
-        state["step"] += 1
-        state["tokens"] += int(counts[0])
-        state["useful_tokens"] += int(counts[1])
-        speed.update(state["tokens"])
-        useful_speed.update(state["useful_tokens"])
-        step = state["step"]
-
-        is_last = step == max_steps
-        if step % train.log_interval == 0 or is_last:
-            loss = fabric.all_reduce(loss_sum / accum, op="mean").item()
-            epoch = train_loader.epoch + train_loader.batches_yielded / max(1, len(train_loader))
-            metrics = {"step": step, "epoch": epoch, "tokens": state["tokens"], "useful_tokens": state["useful_tokens"],
-                       "loss": loss, "lr": lr, "tokens_per_sec": speed.tokens_per_sec(),
-                       "useful_tokens_per_sec": useful_speed.tokens_per_sec(), "mfu": speed.mfu(),
-                       "memory_mb": memory_mb(fabric.device)}
-            if grad_norm is not None:
-                metrics["grad_norm"] = float(grad_norm)
-            fabric.log_dict(metrics, step=step)
-            fabric.print(f"step {step}/{max_steps} | epoch {epoch:.2f} | loss {loss:.4f} | lr {lr:.2e} | "
-                         f"{metrics['tokens_per_sec']:.0f} tok/s | MFU {metrics['mfu'] * 100:.1f}% | "
-                         f"ETA {format_eta((max_steps - step) * _seconds_per_step(speed))}")
-        if (eval.interval and step % eval.interval == 0) or (is_last and eval.final_validation):
-            t0 = time.perf_counter()
-            if val_loader is not None:
-                val_loss = validate(fabric, model, val_loader, eval.max_iters)
-                fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, step=step)
-                fabric.print(f"step {step}: val loss {val_loss:.4f}, val ppl {math.exp(min(val_loss, 50)):.2f}")
-            if eval.max_new_tokens > 0:
-                print_sample(fabric, model, tokenizer, sample, eval.max_new_tokens, step, out_dir)
-            fabric.print(f"  (validation took {time.perf_counter() - t0:.1f}s)")
-            for monitor in (speed, useful_speed):  # keep evaluation time out of the throughput
-                monitor.history = monitor.history[-1:]
-                monitor.history[-1] = (time.perf_counter(), monitor.history[-1][1])
-        if (train.save_interval and step % train.save_interval == 0) or is_last:
-            save_state(fabric, model, optimizer, state, train_loader, step_dir(out_dir, step, sharded), spec.method)
-            if fabric.is_global_zero:
-                prune_step_dirs(out_dir, keep=2)
-            fabric.barrier()
-        if os.environ.get("LITMODEL_KILL_AT_STEP") == str(step):  # tests: a crash at a known point
-            os.kill(os.getpid(), signal.SIGKILL)
-    summary = f"done: {state['step']} steps, {state['tokens']:,} tokens ({state['useful_tokens']:,} not padding)"
-    if val_loss is not None:
-        summary += f", final val loss {val_loss:.4f}"
-    fabric.print(summary)
-
-
-# ---- pieces of the loop --------------------------------------------------------------------------
-class CountTokens:
-    """Collate wrapper adding ``n_tokens``: the batch's non-padding input tokens (for useful tokens/s)."""
-
-    def __init__(self, collate) -> None:
-        self.collate = collate
-
-    def __call__(self, items: list[dict]) -> dict:
-        batch = self.collate(items)
-        batch["n_tokens"] = torch.tensor(sum(len(it["input_ids"]) for it in items))
-        return batch
-
-
-def _forever(loader):
-    while True:  # each pass is one epoch; after a resume the first pass continues where the run stopped
-        yield from loader
-
-
-def _seconds_per_step(speed: SpeedMonitor) -> float:
-    h = speed.history
-    return (h[-1][0] - h[0][0]) / (len(h) - 1) if len(h) > 1 else float("nan")
+    write_loss_plot(fabric, out_dir)
 
 
 def _param_dtype(precision: str) -> torch.dtype:
     return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision, torch.float32)
-
-
-def _matmul_dtype(precision: str) -> torch.dtype:
-    return torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") \
-        else torch.float32
-
-
-def _peak_size(fabric: Fabric) -> int:
-    """Matrix size for the peak-rate probe; small where bf16 runs on a slow reference path (CPU without bf16)."""
-    if fabric.device.type == "cpu" and fabric.precision != "32-true" and not cpu_supports_fast_bf16():
-        return 256
-    return 2048 if fabric.device.type == "cuda" else 1024
 
 
 def _mean_length(data: JSONData) -> int:
@@ -501,23 +383,6 @@ def checkpoint_dtype(checkpoint_dir: Path) -> torch.dtype:
         if dtype is not None and dtype.is_floating_point:
             return dtype
     return torch.float32
-
-
-@torch.no_grad()
-def validate(fabric: Fabric, model, loader, max_iters: int) -> float:
-    """Mean loss per answer token over at most ``max_iters`` validation batches, over all processes."""
-    was_training = model.training
-    model.eval()
-    total = torch.zeros(2, device=fabric.device)
-    for i, batch in enumerate(loader):
-        if i >= max_iters:
-            break
-        logits = model(batch["input_ids"])
-        total[0] += sft_loss(logits, batch["labels"], reduction="sum")
-        total[1] += (batch["labels"] != IGNORE_INDEX).sum()
-    total = fabric.all_reduce(total, op="sum")
-    model.train(was_training)
-    return (total[0] / total[1].clamp(min=1)).item()
 
 
 def sample_prompt(data: JSONData, prompt: Optional[str]) -> tuple[list[int], list[int]]:
@@ -574,25 +439,24 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if k in trainable}  # DSD keeps a frozen tied head (lm_head.weight)
 
 
-def save_state(fabric: Fabric, model, optimizer, state: dict, train_loader, path: Path, method: str) -> None:
-    state["train_loader"] = train_loader.state_dict()
-    state["rng"] = capture_rng_state()
-    if method == "lora":  # only what LoRA trains: small, and independent of the number of processes
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+def save_lora_state(fabric: Fabric, model, optimizer, path: Path, state: dict) -> None:
+    """The loop's `save_fn` for LoRA: ``state`` plus the gathered trainable weights and their optimizer state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        state["lora_state"] = trainable_state(model)
-        with _allow_step(fabric):
-            state["optimizer_state"] = get_optimizer_state_dict(
-                model.module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state["lora_state"] = trainable_state(model)
+    with _allow_step(fabric):
+        state["optimizer_state"] = get_optimizer_state_dict(
+            model.module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     fabric.save(path, state)
-    if method == "lora":
-        state["lora_state"], state["optimizer_state"] = {}, {}
+    state["lora_state"], state["optimizer_state"] = {}, {}
 
 
-def load_trainable_state(fabric: Fabric, model, optimizer, state: dict, path: Path, lora: LoRAConfig) -> None:
+def load_lora_state(fabric: Fabric, model, optimizer, lora: LoRAConfig, path: Path, state: dict) -> None:
+    """The loop's `load_fn` for LoRA: the counters into ``state``, the weights and optimizer state into place."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
+    fabric.load(path, state)
     if dict(state["lora_config"]) != lora.to_dict():
         raise LitModelError(f"{path} was trained with LoRA {dict(state['lora_config'])} but this run asks for "
                             f"{lora.to_dict()}; pass the same --lora.* flags to resume it")

@@ -1,17 +1,14 @@
 """The pretraining recipe, shared by `pretrain/gpt.py` and `pretrain/llama.py`.
 
 Read it top to bottom: `main` prepares data and tokenizer, builds the model on the Fabric
-runtime, restores a run when asked, calls `fit`, then writes `out_dir/final/` as a checkpoint dir
-and prints a sample. `fit` is the training loop: gradient accumulation, clipping, the warmup +
-cosine schedule, periodic validation, logging and resumable checkpoints.
+runtime, calls the training loop (`litmodel.training.fit`: accumulation, clipping, the warmup +
+cosine schedule, validation, logging, resumable checkpoints, resume), then writes `out_dir/final/`
+as a checkpoint dir, prints a sample and draws ``out_dir/loss.png``.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -20,12 +17,12 @@ import torch
 
 from litmodel import build_model
 from litmodel.config import Config
-from litmodel.fabric import Fabric, capture_rng_state, restore_rng_state
+from litmodel.fabric import Fabric
 from litmodel.loggers import CSVLogger, TensorBoardLogger
-from litmodel.training import (EvalArgs, SpeedMonitor, TrainArgs, accumulation_steps, build_optimizer,
-                               cross_entropy, flops_per_token, format_eta, latest_step_dir, lr_at,
-                               measure_peak_flops, memory_mb, prune_step_dirs, resolve_precision, resolve_resume,
-                               save_final_checkpoint, set_lr, step_dir, validate)
+from litmodel.plot import write_loss_plot
+from litmodel.flops import train_flops_per_token
+from litmodel.training import (EvalArgs, TrainArgs, accumulation_steps, build_optimizer, fit, resolve_precision,
+                               resolve_resume, save_final_checkpoint)
 from litmodel.utils import LitModelError
 
 
@@ -107,93 +104,22 @@ def main(fabric: Fabric, model_name: str | None, model_config: Config | None, ou
     val_loader = ValDataLoader(data.data_dir / "val", block_size, train.micro_batch_size, fabric.global_rank,
                                fabric.world_size, max_batches=eval.max_iters, tokenizer_dir=tokenizer_dir)
 
-    # 3. resume: weights, optimizer, counters, RNG and the exact data position
-    state = {"model": model, "optimizer": optimizer, "step": 0, "tokens": 0, "train_loader": {}, "rng": {}}
-    if resume_from is not None:
-        fabric.load(resume_from, state)
-        train_loader.load_state_dict(state["train_loader"])
-        restore_rng_state(state["rng"])
-        fabric.print(f"resumed from {resume_from} at step {state['step']}")
-
     fabric.print(f"training for {max_steps} steps of {train.global_batch_size} x {block_size} tokens "
                  f"({accum} micro-batch(es) of {train.micro_batch_size} per process, {fabric.world_size} process(es), "
                  f"{fabric.precision})")
-    fit(fabric, model, optimizer, train_loader, val_loader, state, train, eval, out_dir, max_steps, accum,
-        tokens_per_step, block_size)
+    # 3. the loop (litmodel/training.py): next-token loss per target token; resumes weights, optimizer,
+    #    counters, RNG and the exact data position from resume_from
+    fit(fabric, model, optimizer, train_loader, train=train, eval=eval, out_dir=out_dir, max_steps=max_steps,
+        val_loader=val_loader, resume_from=resume_from,
+        flops_per_token=train_flops_per_token(model, config, block_size))
+    fabric.print(f"(a uniform guess scores ln(vocab) = {math.log(config.vocab_size):.2f})")
 
-    # 4. the checkpoint dir every other script reads, and a sample from it
+    # 4. the checkpoint dir every other script reads, a sample from it, the loss curve
     save_final_checkpoint(fabric, model, config, out_dir / "final", tokenizer_dir)
     fabric.print(f"saved {out_dir / 'final'}")
     if sample.max_new_tokens > 0:  # every rank takes part: under FSDP each forward gathers the shards
         print_sample(fabric, model, tokenizer, sample)
-
-
-def fit(fabric: Fabric, model, optimizer, train_loader, val_loader, state: dict, train: TrainArgs, eval: EvalArgs,
-        out_dir: Path, max_steps: int, accum: int, tokens_per_step: int, block_size: int) -> None:
-    config = model.config
-    peak = measure_peak_flops(torch.bfloat16 if "bf16" in fabric.precision else torch.float32, fabric.device,
-                              seconds=0.3)
-    speed = SpeedMonitor(flops_per_token(config, block_size), peak, fabric.world_size)
-    target_tokens = max_steps * tokens_per_step
-    sharded = fabric.strategy == "fsdp"
-    val_loss = None
-    if eval.initial_validation:
-        val_loss = validate(fabric, model, val_loader, eval.max_iters)
-        fabric.print(f"step {state['step']}: val loss {val_loss:.4f}")
-    speed.update(state["tokens"])
-    model.train()
-    while state["step"] < max_steps:
-        lr = lr_at(state["step"], train, max_steps)
-        set_lr(optimizer, lr)
-        loss_sum = torch.zeros((), device=fabric.device)
-        for micro_step in range(accum):
-            inputs, targets = next(train_loader)
-            inputs, targets = inputs.to(fabric.device), targets.to(fabric.device)
-            with fabric.no_backward_sync(model, enabled=micro_step < accum - 1):
-                loss = cross_entropy(model(inputs), targets)
-                fabric.backward(loss / accum)
-            loss_sum += loss.detach()
-        grad_norm = fabric.clip_gradients(model, optimizer, max_norm=train.max_norm) if train.max_norm else None
-        fabric.step(optimizer)
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
-        state["tokens"] += tokens_per_step
-        speed.update(state["tokens"])
-        step = state["step"]
-
-        is_last = step == max_steps
-        if step % train.log_interval == 0 or is_last:
-            loss = fabric.all_reduce(loss_sum / accum, op="mean").item()
-            metrics = {"step": step, "tokens": state["tokens"], "loss": loss, "lr": lr,
-                       "tokens_per_sec": speed.tokens_per_sec(), "mfu": speed.mfu(),
-                       "memory_mb": memory_mb(fabric.device)}
-            if grad_norm is not None:
-                metrics["grad_norm"] = float(grad_norm)
-            fabric.log_dict(metrics, step=step)
-            fabric.print(f"step {step}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-                         f"{metrics['tokens_per_sec']:.0f} tok/s | MFU {metrics['mfu'] * 100:.1f}% | "
-                         f"ETA {format_eta(speed.eta_seconds(state['tokens'], target_tokens))}")
-        if (eval.interval and step % eval.interval == 0) or (is_last and eval.final_validation):
-            t0 = time.perf_counter()
-            val_loss = validate(fabric, model, val_loader, eval.max_iters)
-            fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, step=step)
-            fabric.print(f"step {step}: val loss {val_loss:.4f}, val ppl {math.exp(min(val_loss, 50)):.2f} "
-                         f"({time.perf_counter() - t0:.1f}s)")
-            speed.update(state["tokens"])  # keep evaluation time out of the throughput
-            speed.history = speed.history[-1:]
-        if (train.save_interval and step % train.save_interval == 0) or is_last:
-            state["train_loader"] = train_loader.state_dict()
-            state["rng"] = capture_rng_state()
-            fabric.save(step_dir(out_dir, step, sharded), state)
-            if fabric.is_global_zero:
-                prune_step_dirs(out_dir, keep=2)
-            fabric.barrier()
-        if os.environ.get("LITMODEL_KILL_AT_STEP") == str(step):  # tests: a crash at a known point
-            os.kill(os.getpid(), signal.SIGKILL)
-    summary = f"done: {state['step']} steps, {state['tokens']:,} tokens"
-    if val_loss is not None:
-        summary += f", final val loss {val_loss:.4f} (uniform baseline ln(vocab) = {math.log(config.vocab_size):.2f})"
-    fabric.print(summary)
+    write_loss_plot(fabric, out_dir)
 
 
 def prepare_data(fabric: Fabric, data: DataArgs) -> Path:

@@ -63,6 +63,8 @@ def test_single_process_learns_and_output_loads_in_generate(prepared, tmp_path, 
     result = run_cli(debug_args(prepared, out, config=config), script=f"pretrain/{family}.py")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "val loss" in result.stdout and "sample:" in result.stdout
+    assert f"loss curve: {out / 'loss.png'}" in result.stdout
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     per_step = losses(out)
     assert sorted(per_step) == list(range(1, 13))
     assert per_step[12] < per_step[1] - 0.5, per_step
@@ -110,13 +112,18 @@ def test_two_processes_match_one(prepared, tmp_path, strategy):
 
 
 def test_resume_after_kill_continues_the_same_run(prepared, tmp_path):
+    from tests.helpers import run_and_kill
+
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     common = ["--train.max_steps", 10, "--train.save_interval", 3, "--sample.max_new_tokens", 0]
     r = run_cli(debug_args(prepared, straight, *common))
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run_cli(debug_args(prepared, crashed, *common), env={"LITMODEL_KILL_AT_STEP": "7"})
-    assert r.returncode != 0  # killed by SIGKILL after step 7, last checkpoint at step 6
-    assert (crashed / "step-000006.pt").is_file() and not (crashed / "final").exists()
+    # SIGKILLed from outside as soon as the first checkpoint (step 3) is complete
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    r = run_and_kill([sys.executable, str(ROOT / "pretrain/gpt.py"), *map(str, debug_args(prepared, crashed, *common))],
+                     crashed / "step-000003.pt", cwd=ROOT, env=env)
+    assert r.returncode == -9, (r.returncode, r.stderr[-3000:])
+    assert (crashed / "step-000003.pt").is_file() and not (crashed / "final").exists()
     # a new run into the same out_dir without --resume is refused
     r = run_cli(debug_args(prepared, crashed, *common))
     assert r.returncode == 1 and "already holds a run" in r.stderr and "--resume auto" in r.stderr
