@@ -38,6 +38,7 @@ from litmodel.checkpoint import (CONFIG_FILE, MODEL_FILE, SAFETENSORS_DTYPES, ch
                                  load_model, model_state_for_saving, read_safetensors_header, save_safetensors)
 from litmodel.data.sft import IGNORE_INDEX, JSON, JSONData
 from litmodel.fabric import Fabric
+from litmodel.nf4 import load_model_nf4, nf4_model_nbytes, round_trip_nf4_
 from litmodel.lora import (LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, LoRAConfig, apply_lora, load_lora,
                            mark_only_lora_as_trainable, merge_lora)
 from litmodel.plot import write_loss_plot
@@ -46,7 +47,7 @@ from litmodel.training import (EvalArgs, TrainArgs, accumulation_steps, build_op
                                resolve_resume, save_final_checkpoint)
 from litmodel.utils import LitModelError, atomic_dir
 
-QUANTIZE_MODES = ("bnb.nf4",)
+QUANTIZE_MODES = {"nf4": "nf4", "bnb.nf4": "nf4"}  # --quantize value -> mode (litgpt's name as an alias)
 
 
 # ---- argument groups -----------------------------------------------------------------------------
@@ -176,7 +177,7 @@ def finetune_lora(checkpoint_dir: Path, data: Optional[JSONData] = None, out_dir
                   logger: Literal["csv", "tensorboard", "both"] = "csv",
                   train: FinetuneTrainArgs = lora_train_defaults(), eval: FinetuneEvalArgs = FinetuneEvalArgs(),
                   lora: LoRAArgs = LoRAArgs(), merge: bool = True,
-                  quantize: Optional[Literal["bnb.nf4"]] = None) -> Path:
+                  quantize: Optional[str] = None) -> Path:
     _run("lora", **{k: v for k, v in locals().items()})
     return Path(out_dir) / "final"
 
@@ -188,7 +189,10 @@ finetune_lora.__doc__ = """Finetune a model with LoRA: the base weights stay fro
         merge: Also write the merged model into out_dir/final (model.safetensors + model_config.yaml + tokenizer)
             so the generate scripts use it as is; false keeps only the adapter and a pointer to the base model
             (merge later with scripts/merge_lora.py).
-        quantize: bnb.nf4 stores the frozen base weights in 4 bits (QLoRA); needs bitsandbytes and a CUDA GPU.
+        quantize: nf4 (alias bnb.nf4): QLoRA. The frozen base weights of the transformer blocks are stored in 4 bits
+            (NF4 with double-quantized scales, torchao), quantized while loading; LoRA, norms, embedding and head stay
+            in the training precision. About 1/7 of the fp32 memory for the quantized weights; CPU and GPU; 1 process,
+            DDP or FSDP. out_dir/final's merged model is the dequantized base + the update, in the base's dtype.
 """
 
 
@@ -196,14 +200,20 @@ def finetune_full(checkpoint_dir: Path, data: Optional[JSONData] = None, out_dir
                   precision: str = "auto", devices: Union[int, str] = 1, num_nodes: int = 1, strategy: str = "auto",
                   accelerator: str = "auto", resume: Union[bool, str] = False, seed: int = 42,
                   logger: Literal["csv", "tensorboard", "both"] = "csv",
-                  train: FinetuneTrainArgs = full_train_defaults(), eval: FinetuneEvalArgs = FinetuneEvalArgs()) -> Path:
-    _run("full", **{k: v for k, v in locals().items()})
+                  train: FinetuneTrainArgs = full_train_defaults(), eval: FinetuneEvalArgs = FinetuneEvalArgs(),
+                  quantize: Optional[str] = None) -> Path:
+    if quantize is not None:
+        raise LitModelError(f"--quantize {quantize} freezes the base weights in 4 bits, which only LoRA can train on "
+                            "(QLoRA); use finetune/lora.py --quantize nf4, or drop --quantize for full finetuning")
+    _run("full", **{k: v for k, v in locals().items() if k != "quantize"})
     return Path(out_dir) / "final"
 
 
 finetune_full.__doc__ = """Finetune every weight of a model.
 
-    Args:""" + _COMMON_DOC + "\n"
+    Args:""" + _COMMON_DOC + """
+        quantize: Not available: a quantized base cannot be finetuned in full (use finetune/lora.py --quantize nf4).
+"""
 
 
 def _run(method: str, checkpoint_dir: Path, data: Optional[JSONData], out_dir: Path, precision: str,
@@ -235,11 +245,7 @@ def _run(method: str, checkpoint_dir: Path, data: Optional[JSONData], out_dir: P
     lora_config = lora.to_config() if method == "lora" else None
     precision = resolve_precision(precision, accelerator)
     if quantize is not None:
-        _check_quantize(quantize, accelerator, devices, num_nodes, strategy)
-        if not train.activation_checkpointing:
-            print("note: --quantize: enabling --train.activation_checkpointing so only one block's weights are "
-                  "dequantized at a time")
-            train = FinetuneTrainArgs(**{**asdict(train), "activation_checkpointing": True})
+        quantize = _check_quantize(quantize)
     loggers = []
     if logger in ("csv", "both"):
         loggers.append(CSVLogger(out_dir, name="logs"))
@@ -262,21 +268,15 @@ def _run(method: str, checkpoint_dir: Path, data: Optional[JSONData], out_dir: P
     fabric.launch(main, spec)
 
 
-def _check_quantize(quantize: str, accelerator: str, devices, num_nodes: int, strategy: str) -> None:
+def _check_quantize(quantize: str) -> str:
+    """The quantization mode of a --quantize value (one line for an unknown one or a missing torchao)."""
+    import importlib.util
+
     if quantize not in QUANTIZE_MODES:
-        raise LitModelError(f"unknown --quantize {quantize!r}; choose {', '.join(QUANTIZE_MODES)} or leave it out")
-    missing = []
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        missing.append("bitsandbytes (pip install bitsandbytes)")
-    if accelerator == "cpu" or not torch.cuda.is_available():
-        missing.append("a CUDA GPU (none available here)")
-    if missing:
-        raise LitModelError(f"--quantize {quantize} needs {' and '.join(missing)}; drop --quantize to finetune "
-                            "the unquantized model")
-    if devices not in (1, "1") or num_nodes != 1 or strategy not in ("auto", "single"):
-        raise LitModelError(f"--quantize {quantize} runs on one GPU; use --devices 1 (no ddp/fsdp)")
+        raise LitModelError(f"unknown --quantize {quantize!r}; choose nf4 (alias bnb.nf4) or leave it out")
+    if importlib.util.find_spec("torchao") is None:
+        raise LitModelError(f"--quantize {quantize} needs torchao: pip install torchao (the quant extra)")
+    return QUANTIZE_MODES[quantize]
 
 
 # ---- the recipe ----------------------------------------------------------------------------------
@@ -302,17 +302,20 @@ def main(fabric: Fabric, spec: RunSpec) -> None:
     # 2. the model: every rank loads the checkpoint (memory-mapped), LoRA gets the same init everywhere (seeded)
     dtype = _param_dtype(fabric.precision)
     on_device = fabric.device if fabric.strategy != "fsdp" else torch.device("cpu")  # FSDP moves shards itself
-    model = load_model(spec.checkpoint_dir, device=on_device, dtype=dtype)
+    if spec.quantize:  # QLoRA: the blocks' linear weights are quantized to NF4 one tensor at a time while loading
+        shards = fabric.world_size if fabric.strategy == "fsdp" else 1
+        model = load_model_nf4(spec.checkpoint_dir, device=on_device, dtype=dtype, shards=shards)
+    else:
+        model = load_model(spec.checkpoint_dir, device=on_device, dtype=dtype)
     if spec.method == "lora":
         apply_lora(model, **spec.lora.to_dict())
-        if spec.quantize:
-            quantize_nf4(model)
         mark_only_lora_as_trainable(model)
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     fabric.print(f"model: {config.name} ({config.model_type}), {total / 1e6:.1f}M parameters, {trainable / 1e6:.3f}M "
-                 f"trainable ({spec.method}), max_seq_length {max_seq_length}, {fabric.precision}")
+                 f"trainable ({spec.method}), max_seq_length {max_seq_length}, {fabric.precision}"
+                 + (f", base in NF4: {nf4_model_nbytes(model) / 2**20:.1f} MiB of parameters" if spec.quantize else ""))
     model = fabric.setup(model)
     optimizer = fabric.setup_optimizers(build_optimizer(model, train))
 
@@ -356,7 +359,8 @@ def main(fabric: Fabric, spec: RunSpec) -> None:
     if spec.method == "lora":
         lora_state = trainable_state(model)  # collective
         if fabric.is_global_zero:
-            write_lora_checkpoint(final, lora_state, spec.lora, spec.checkpoint_dir, merge=spec.merge)
+            lora = dataclasses.replace(spec.lora, quantize=spec.quantize)  # a QLoRA adapter merges into the NF4 base
+            write_lora_checkpoint(final, lora_state, lora, spec.checkpoint_dir, merge=spec.merge)
         fabric.barrier()
     else:
         save_final_checkpoint(fabric, model, model.config, final, spec.checkpoint_dir,
@@ -498,8 +502,11 @@ def read_lora_config(lora_dir: Path) -> tuple[LoRAConfig, Optional[str]]:
 
 
 def merged_model(base_checkpoint_dir: Path, lora_dir: Path) -> nn.Module:
-    """The base model (in its stored dtype, on CPU) with the adapter of ``lora_dir`` folded in."""
+    """The base model (in its stored dtype, on CPU) with the adapter of ``lora_dir`` folded in. A QLoRA adapter
+    (``quantize: nf4`` in its config) is folded into the NF4-rounded base it was trained against."""
     model = load_model(base_checkpoint_dir)
+    if LoRAConfig.from_yaml(Path(lora_dir) / LORA_CONFIG_FILE).quantize == "nf4":
+        round_trip_nf4_(model)
     load_lora(model, lora_dir)
     return merge_lora(model)
 
@@ -541,41 +548,6 @@ def merge_lora_checkpoint(checkpoint_dir: Path, base_checkpoint_dir: Optional[Pa
         write_lora_config(tmp, lora_cfg, base)
         write_merged(tmp, base, tmp)
     return out_dir
-
-
-# ---- QLoRA: 4-bit frozen base weights (bitsandbytes, CUDA) ---------------------------------------
-class _NF4Dequantize(nn.Module):
-    """Parametrization: the stored 4-bit weight -> the dense weight, recomputed on every access."""
-
-    def __init__(self, quant_state, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.quant_state, self.dtype = quant_state, dtype
-
-    def forward(self, packed: torch.Tensor) -> torch.Tensor:
-        import bitsandbytes.functional as bnbF
-
-        return bnbF.dequantize_4bit(packed, self.quant_state).to(self.dtype)
-
-
-def quantize_nf4(model: nn.Module) -> nn.Module:
-    """Store the base weight of every linear layer in the transformer blocks as NF4 (bitsandbytes), in place,
-    after `apply_lora`: the layer (`LoRALinear` or `nn.Linear`) reads the dequantized weight through a
-    parametrization; LoRA weights, embedding and output head stay as they are. Untested without a GPU."""
-    import bitsandbytes.functional as bnbF
-    from torch.nn.utils import parametrize
-
-    from litmodel.lora import LoRALinear
-
-    for name, module in model.named_modules():
-        if not name.startswith("blocks.") or not isinstance(module, (nn.Linear, LoRALinear)):
-            continue
-        weight = module.weight.detach()
-        packed, quant_state = bnbF.quantize_4bit(weight.to(torch.bfloat16).cuda(), blocksize=64,
-                                                 compress_statistics=True, quant_type="nf4")
-        module.weight = nn.Parameter(packed, requires_grad=False)
-        parametrize.register_parametrization(module, "weight", _NF4Dequantize(quant_state, weight.dtype), unsafe=True)
-        module.parametrizations.weight.original.requires_grad_(False)
-    return model
 
 
 # ---- the command line ----------------------------------------------------------------------------

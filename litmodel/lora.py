@@ -77,6 +77,9 @@ class LoRAConfig:
     dropout: float = 0.0
     targets: tuple[str, ...] = field(default=("query", "value"))
     base_checkpoint_dir: str | None = None
+    # "nf4" when the base weights were 4-bit while training (QLoRA): merging folds the update into the
+    # NF4-rounded base, the weights the adapter was trained against
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         self.targets = _parse_targets(self.targets)
@@ -87,11 +90,13 @@ class LoRAConfig:
         return self.alpha / self.r
 
     def to_dict(self) -> dict:
-        """The hyperparameters (the keyword arguments of `apply_lora`), plus the base dir when it is known."""
+        """The hyperparameters (the keyword arguments of `apply_lora`), plus the base dir and the base's quantization
+        when they are known."""
         d = asdict(self)
         d["targets"] = list(self.targets)
-        if d["base_checkpoint_dir"] is None:
-            del d["base_checkpoint_dir"]
+        for key in ("base_checkpoint_dir", "quantize"):
+            if d[key] is None:
+                del d[key]
         return d
 
     def to_yaml(self, path: str | os.PathLike) -> None:

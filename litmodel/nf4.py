@@ -33,6 +33,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -51,7 +53,7 @@ NF4_LEVELS = (-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0, 0
               0.4407, 0.5626, 0.7230, 1.0)
 
 __all__ = ["BLOCK_SIZE", "NF4_LEVELS", "dequantize_nf4", "NF4Linear", "is_nf4", "load_model_nf4", "nf4_linear", "nf4_block_sizes",
-           "nf4_linear_names", "nf4_model_nbytes", "nf4_nbytes", "quantize_nf4", "torchao_nf4"]
+           "nf4_linear_names", "nf4_model_nbytes", "nf4_nbytes", "quantize_nf4", "round_trip_nf4_", "torchao_nf4"]
 
 
 @contextlib.contextmanager
@@ -86,18 +88,24 @@ def is_nf4(t: torch.Tensor) -> bool:
 
 
 def nf4_block_sizes(shape: tuple[int, ...] | torch.Size, shards: int = 1) -> tuple[int, int] | None:
-    """(block size, scaler block size) for a 2-D weight split into ``shards`` equal row shards, or None if it
-    cannot be stored in NF4 (not 2-D, or a shard is not a whole number of 64-weight blocks).
+    """(block size, scaler block size) for a 2-D weight that FSDP may split into ``shards`` equal row shards, or
+    None if it cannot be stored in NF4 (not 2-D, rows not divisible by ``shards``, or a shard that is not a whole
+    number of 64-weight blocks).
 
     Every shard must hold whole scaler blocks (FSDP2 splits the 4-bit data, the int8 scales and the
-    per-scaler-block factors along the same rows), so the scaler block size is the largest divisor
-    of the blocks per shard that is at most 256."""
+    per-scaler-block factors along the same rows). The scaler block size is the largest divisor (<= 256)
+    of the blocks in 1/8 of the rows (or 1/``shards`` when that is not a divisor of 8), so the quantized
+    weights are the same for 1, 2, 4 or 8 processes: a run's result does not depend on how many
+    processes shared it."""
     if len(shape) != 2 or shape[0] % shards:
         return None
-    per_shard = shape[0] // shards * shape[1]
-    if per_shard % BLOCK_SIZE:
+    rows, cols = int(shape[0]), int(shape[1])
+    parts = math.lcm(math.gcd(rows, 8), shards)
+    if rows % parts or (rows // parts * cols) % BLOCK_SIZE:
+        parts = shards
+    if (rows // parts * cols) % BLOCK_SIZE:
         return None
-    blocks = per_shard // BLOCK_SIZE
+    blocks = rows // parts * cols // BLOCK_SIZE
     scaler = next(s for s in range(min(SCALER_BLOCK_SIZE, blocks), 0, -1) if blocks % s == 0)
     return BLOCK_SIZE, scaler
 
@@ -217,8 +225,11 @@ def load_model_nf4(checkpoint_dir: str | Path, device: str | torch.device = "cpu
         model.lm_head.weight = model.wte.weight
     for p in model.parameters():
         p.requires_grad_(False)
-    # DDP broadcasts parameters at construction; the frozen NF4 weights are loaded identically on every rank
-    model._ddp_params_and_buffers_to_ignore = [n for n, p in model.named_parameters() if is_nf4(p)]
+    # DDP broadcasts parameters at construction, which NF4Tensor does not support; the frozen NF4 weights are
+    # loaded identically on every rank. Names with and without activation checkpointing's wrapper.
+    names = [n for n, p in model.named_parameters() if is_nf4(p)]
+    model._ddp_params_and_buffers_to_ignore = names + [re.sub(r"^(blocks\.\d+)\.", r"\1._checkpoint_wrapped_module.", n)
+                                                       for n in names]
     return model.eval()
 
 
@@ -232,6 +243,18 @@ def nf4_model_nbytes(model: nn.Module) -> int:
         else:
             total += p.numel() * p.element_size()
     return total
+
+
+@torch.no_grad()
+def round_trip_nf4_(model: nn.Module) -> nn.Module:
+    """Replace each weight `load_model_nf4` would quantize with its NF4-rounded value (quantized in float32 and
+    dequantized, stored back in its own dtype), in place: the base a QLoRA adapter was trained on, for merging."""
+    for name in nf4_linear_names(model):
+        w = model.get_parameter(name)
+        sizes = nf4_block_sizes(w.shape)
+        if sizes is not None and w.is_floating_point():
+            w.copy_(dequantize_nf4(quantize_nf4(w.detach().float(), *sizes)).to(w.dtype))
+    return model
 
 
 @functools.lru_cache(maxsize=None)

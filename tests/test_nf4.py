@@ -33,7 +33,7 @@ def test_quantize_equals_torchao_reference():
     ao = torchao_nf4()
     w = torch.randn(128, 512, generator=torch.Generator().manual_seed(0)) * 0.02
     ref = ao.to_nf4(w)
-    mine = quantize_nf4(w, chunk_elements=4096)  # several chunks
+    mine = quantize_nf4(w, scaler_block_size=256, chunk_elements=4096)  # several chunks
     assert torch.equal(mine.quantized_data, ref.quantized_data)
     assert torch.equal(mine.quantized_scalers, ref.quantized_scalers)
     torch.testing.assert_close(mine.quantization_factor, ref.quantization_factor, rtol=0, atol=0)
@@ -54,8 +54,10 @@ def test_nf4_error_within_known_bound():
     rel = err / absmax
     # for normal weights NF4's mean error is ~0.04 absmax (QLoRA's information-theoretic optimum for N(0, 1))
     assert rel.mean() < 0.05
-    assert nf4_block_sizes((6, 64)) == (64, 6) and nf4_block_sizes((10, 10)) is None
-    assert nf4_block_sizes((8, 64), shards=2) == (64, 4) and nf4_block_sizes((3, 64), shards=2) is None
+    assert nf4_block_sizes((6, 64)) == (64, 3) and nf4_block_sizes((10, 10)) is None
+    assert nf4_block_sizes((3, 64), shards=2) is None and nf4_block_sizes((4096, 2048)) == (64, 256)
+    # the same blocks for 1, 2, 4 and 8 processes (whole scaler blocks in every shard)
+    assert {nf4_block_sizes((128, 64), shards=w) for w in (1, 2, 4, 8)} == {(64, 16)}
 
 
 @pytest.mark.parametrize("segments", [None, [(64, True), (32, False), (32, True)]])

@@ -290,8 +290,10 @@ class Fabric:
                         raise LitModelError("an optimizer passed to fabric.setup holds a parameter that is not part of "
                                             "the model; build it from model.parameters()")
         on_meta = any(t.is_meta for t in [*module.parameters(), *module.buffers()])
-        if self._precision.param_dtype is not None:
-            module.to(self._precision.param_dtype)
+        dtype = self._precision.param_dtype
+        if dtype is not None and any(t.is_floating_point() and t.dtype != dtype
+                                     for t in [*module.parameters(), *module.buffers()]):
+            module.to(dtype)  # (skipped when already there: .to(dtype) would dequantize NF4 weights, see litmodel/nf4.py)
         if self.activation_checkpointing:
             self._apply_activation_checkpointing(module)
         forward_module = module
