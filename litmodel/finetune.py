@@ -38,11 +38,12 @@ from litmodel.checkpoint import (CONFIG_FILE, MODEL_FILE, SAFETENSORS_DTYPES, ch
                                  load_model, model_state_for_saving, read_safetensors_header, save_safetensors)
 from litmodel.data.sft import IGNORE_INDEX, JSON, JSONData
 from litmodel.fabric import Fabric
+from litmodel.flops import train_flops_per_token
 from litmodel.nf4 import load_model_nf4, nf4_model_nbytes, round_trip_nf4_
 from litmodel.lora import (LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, LoRAConfig, apply_lora, load_lora,
                            mark_only_lora_as_trainable, merge_lora)
 from litmodel.plot import write_loss_plot
-from litmodel.flops import train_flops_per_token
+from litmodel.sharded_checkpoint import fill_from_checkpoint
 from litmodel.training import (EvalArgs, TrainArgs, accumulation_steps, build_optimizer, fit, resolve_precision,
                                resolve_resume, save_final_checkpoint)
 from litmodel.utils import LitModelError, atomic_dir
@@ -299,14 +300,16 @@ def main(fabric: Fabric, spec: RunSpec) -> None:
         fabric.print(f"note: {truncated} example(s) longer than max_seq_length={max_seq_length} were truncated "
                      "(raise --train.max_seq_length to keep them whole)")
 
-    # 2. the model: every rank loads the checkpoint (memory-mapped), LoRA gets the same init everywhere (seeded)
+    # 2. the model: memory-mapped (FSDP: on meta, then each rank reads its shards); LoRA: the same init everywhere
     dtype = _param_dtype(fabric.precision)
-    on_device = fabric.device if fabric.strategy != "fsdp" else torch.device("cpu")  # FSDP moves shards itself
+    sharded_load = fabric.strategy == "fsdp" and not spec.quantize  # on meta; after sharding each rank reads its shards
     if spec.quantize:  # QLoRA: the blocks' linear weights are quantized to NF4 one tensor at a time while loading
+        on_device = fabric.device if fabric.strategy != "fsdp" else torch.device("cpu")  # FSDP moves shards itself
         shards = fabric.world_size if fabric.strategy == "fsdp" else 1
         model = load_model_nf4(spec.checkpoint_dir, device=on_device, dtype=dtype, shards=shards)
     else:
-        model = load_model(spec.checkpoint_dir, device=on_device, dtype=dtype)
+        model = load_model(spec.checkpoint_dir, device="meta" if sharded_load else fabric.device, dtype=dtype)
+    lora_rng = torch.get_rng_state()
     if spec.method == "lora":
         apply_lora(model, **spec.lora.to_dict())
         mark_only_lora_as_trainable(model)
@@ -317,6 +320,8 @@ def main(fabric: Fabric, spec: RunSpec) -> None:
                  f"trainable ({spec.method}), max_seq_length {max_seq_length}, {fabric.precision}"
                  + (f", base in NF4: {nf4_model_nbytes(model) / 2**20:.1f} MiB of parameters" if spec.quantize else ""))
     model = fabric.setup(model)
+    if sharded_load:
+        fill_from_checkpoint(model, spec.checkpoint_dir, lora_rng)
     optimizer = fabric.setup_optimizers(build_optimizer(model, train))
 
     # 3. data loaders (seeded, resumable), schedule length

@@ -34,7 +34,7 @@ from litmodel.checkpoint import CONFIG_FILE, MODEL_FILE, SAFETENSORS_DTYPES, loa
 from litmodel.config import HF_MODEL_TYPES, Config, name_to_config
 from litmodel.convert import IGNORED_HF_SUFFIXES, hf_aliases, hf_to_lit_plan, lit_to_hf_plan
 from litmodel.convert import _cat, _same  # the plans' layout-preserving functions
-from litmodel.utils import LitModelError, parse_dtype, skip_weight_init
+from litmodel.utils import LitModelError, fsync_tree, parse_dtype, skip_weight_init
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -572,8 +572,10 @@ def publish(tmp: Path, out_dir: Path, last: tuple[str, ...] = (), remove: Iterab
     Into an existing dir each file is renamed separately, the files named in ``last`` at the end
     (their presence marks a complete dir); stale files named in ``remove`` are deleted before them.
     """
+    fsync_tree(tmp)  # contents on disk before any name is published
     if not out_dir.exists():
         os.replace(tmp, out_dir)
+        fsync_tree(out_dir.parent, recursive=False)
         return
     names = sorted(p.name for p in tmp.iterdir())
     for name in names:
@@ -585,6 +587,7 @@ def publish(tmp: Path, out_dir: Path, last: tuple[str, ...] = (), remove: Iterab
     for name in last:
         if name in names:
             os.replace(tmp / name, out_dir / name)
+    fsync_tree(out_dir, recursive=False)
 
 
 # ================================================================== HF -> litmodel

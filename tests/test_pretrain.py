@@ -108,7 +108,12 @@ def test_two_processes_match_one(prepared, tmp_path, strategy):
     assert a.keys() == b.keys()
     for step in a:
         assert abs(a[step] - b[step]) < 1e-4, (step, a[step], b[step])
-    assert (double / "final" / "model.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    w0, w1, w2 = (load_file(str(d / "model.safetensors")) for d in (init, single / "final", double / "final"))
+    diff = sum(float((w2[k] - w1[k]).double().pow(2).sum()) for k in w1) ** 0.5
+    update = sum(float((w1[k] - w0[k]).double().pow(2).sum()) for k in w1) ** 0.5
+    assert diff / update < 1e-4, diff / update  # the same weights, up to float rounding
 
 
 def test_resume_after_kill_continues_the_same_run(prepared, tmp_path):

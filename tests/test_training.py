@@ -7,7 +7,6 @@ PyTorch reference that divides the summed token loss by the number of answer tok
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from litmodel.utils import LitModelError, atomic_dir
+from litmodel.utils import LitModelError, atomic_dir, fsync_tree
 
 FORMAT = "litmodel.token_shards"
 FORMAT_VERSION = 1
@@ -174,6 +174,7 @@ def write_index(split_dir: str | os.PathLike, index: dict[str, Any]) -> None:
     path = Path(split_dir) / INDEX_NAME
     tmp = path.with_name(f".{INDEX_NAME}.tmp")
     tmp.write_text(json.dumps(index, indent=2) + "\n")
+    fsync_tree(tmp)
     os.replace(tmp, path)
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from litmodel.fabric.wrappers import _clean_name
-from litmodel.utils import LitModelError
+from litmodel.utils import LitModelError, fsync_tree
 
 
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.Tensor, torch.dtype, torch.device, torch.Size)
@@ -88,7 +88,9 @@ def _check_model_state(module: nn.Module, ckpt_shapes: Mapping[str, Any], key: s
 
 
 def _swap_into_place(tmp: Path, path: Path) -> None:
-    """Rename ``tmp`` onto ``path`` (file or directory); the old one is moved aside, then removed."""
+    """Rename ``tmp`` onto ``path`` (file or directory); the old one is moved aside, then removed.
+    ``tmp`` is flushed to disk first, and the directory holding both after the rename."""
+    fsync_tree(tmp)
     if path.exists() or path.is_symlink():
         old = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.old"
         os.replace(path, old)
@@ -99,6 +101,7 @@ def _swap_into_place(tmp: Path, path: Path) -> None:
             old.unlink(missing_ok=True)
     else:
         os.replace(tmp, path)
+    fsync_tree(path.parent, recursive=False)
 
 
 def _read_dcp(path: Path, keys: set[str] | None) -> dict:

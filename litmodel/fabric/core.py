@@ -290,6 +290,7 @@ class Fabric:
                         raise LitModelError("an optimizer passed to fabric.setup holds a parameter that is not part of "
                                             "the model; build it from model.parameters()")
         on_meta = any(t.is_meta for t in [*module.parameters(), *module.buffers()])
+        ties = _shared_parameters(module)  # to_empty gives each holder its own copy: re-tied below
         dtype = self._precision.param_dtype
         if dtype is not None and any(t.is_floating_point() and t.dtype != dtype
                                      for t in [*module.parameters(), *module.buffers()]):
@@ -302,6 +303,7 @@ class Fabric:
             if on_meta:
                 offload = self._strategy.cpu_offload and self._device.type == "cuda"
                 module.to_empty(device="cpu" if offload else self._device)
+                _retie(module, ties)
                 if self._device.type == "cpu":
                     # DTensor has no RNG offset tracker on CPU: every shard would draw the same values.
                     # Seed by the shard's index (replicas of a hybrid mesh share it, so they stay equal).
@@ -313,6 +315,7 @@ class Fabric:
         else:
             if on_meta:
                 module.to_empty(device=self._device)
+                _retie(module, ties)
                 self._reinitialize(module)
             elif move_to_device:
                 module.to(self._device)
@@ -500,7 +503,10 @@ class Fabric:
         if not enabled or self._world_size == 1 and self._strategy_name != "fsdp":
             yield
             return
-        forward_module = module._forward_module if isinstance(module, FabricModule) else module
+        outer = module
+        while not isinstance(outer, FabricModule) and isinstance(getattr(outer, "_orig_mod", None), nn.Module):
+            outer = outer._orig_mod  # torch.compile(fabric_module): the DDP wrapper is inside
+        forward_module = outer._forward_module if isinstance(outer, FabricModule) else outer
         if isinstance(forward_module, nn.parallel.DistributedDataParallel):
             with forward_module.no_sync():
                 yield
@@ -771,7 +777,8 @@ class Fabric:
                  strict: bool = True) -> None:
         """Load a plain full model state dict (a dict, a ``torch.save`` file or a ``.safetensors`` file,
         e.g. a converted Hugging Face checkpoint) into a set-up (possibly FSDP-sharded) model; each
-        rank keeps only its shards."""
+        rank keeps only its shards (and from a ``.safetensors`` file reads only them, one tensor at a
+        time: build the model with ``init_module(empty_init=True)`` so no rank ever holds it whole)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         if isinstance(source, Mapping):
@@ -780,13 +787,35 @@ class Fabric:
             source = Path(source)
             if not source.is_file():
                 raise LitModelError(f"weights file {source} does not exist; check the path")
-            if source.suffix == ".safetensors":
-                from safetensors.torch import load_file
+            if source.suffix == ".safetensors":  # tensor by tensor, each rank reading only its shards
+                from litmodel.fabric.sharded_load import load_safetensors_sharded
 
-                sd = load_file(str(source))
+                missing = load_safetensors_sharded(_unwrap(module), source, strict=strict)
+                if strict and missing:
+                    raise LitModelError(f"{source} has no tensor {missing[0]!r} ({len(missing)} missing in all); "
+                                        "load a checkpoint of the same model, or pass strict=False")
+                return
             else:
                 sd = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
         module = _unwrap(module)
         _check_model_state(module, {f"model.{k}": v.shape for k, v in sd.items()}, "model", strict)
         options = StateDictOptions(full_state_dict=_is_fsdp(module), strict=strict)
         set_model_state_dict(module, dict(sd), options=options)
+
+
+def _shared_parameters(module: nn.Module) -> list[list[str]]:
+    """Names of parameters held by several modules (tied embeddings and head), grouped per parameter."""
+    groups: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _retie(module: nn.Module, ties: list[list[str]]) -> None:
+    """Point every holder of a shared parameter at the first holder's (new) parameter again."""
+    for first, *others in ties:
+        owner, _, attr = first.rpartition(".")
+        param = getattr(module.get_submodule(owner), attr)
+        for name in others:
+            holder, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(holder), attr, param)

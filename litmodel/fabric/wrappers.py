@@ -8,6 +8,7 @@ import random
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -215,8 +216,7 @@ def seed_everything(seed: int) -> int:
     return seed
 
 
-def capture_rng_state() -> dict:
-    """RNG states of python, numpy, torch (and cuda) as tensors/lists: safe for ``weights_only`` loads."""
+def _local_rng_state() -> dict:
     import numpy as np
 
     version, internal, gauss = random.getstate()
@@ -230,7 +230,7 @@ def capture_rng_state() -> dict:
     return state
 
 
-def restore_rng_state(state: Mapping[str, Any]) -> None:
+def _restore_local(state: Mapping[str, Any]) -> None:
     import numpy as np
 
     version, internal, gauss = state["python"]
@@ -241,3 +241,38 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def capture_rng_state() -> dict:
+    """RNG states of python, numpy, torch (and cuda) as tensors/lists: safe for ``weights_only`` loads.
+
+    Under a process group of several ranks it is collective (call it on every rank): the result
+    holds every rank's state, ``{"ranks": [state_of_rank_0, ...]}``, the same on all ranks, so a
+    checkpoint written by rank 0 (or deduplicated by DCP) restores each rank's own stream."""
+    state = _local_rng_state()
+    rank, world = _rank_and_world()
+    if world == 1:
+        return state
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, state)
+    return {"ranks": gathered}
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what ``capture_rng_state`` returned: each rank its own state. Resumed with more
+    ranks than were saved, rank ``r`` continues from saved rank ``r % saved`` re-seeded by ``r``
+    (so no two ranks draw the same numbers)."""
+    if "ranks" not in state:
+        _restore_local(state)
+        return
+    ranks = state["ranks"]
+    rank, _ = _rank_and_world()
+    _restore_local(ranks[rank % len(ranks)])
+    if rank >= len(ranks):
+        seed_everything(int(torch.randint(0, 2**31 - 1, ()).item()) + rank)
