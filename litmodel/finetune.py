@@ -335,9 +335,10 @@ def main(fabric: Fabric, spec: RunSpec) -> None:
     # 4. what a resumable checkpoint holds: LoRA only the trainable weights and their optimizer state, gathered
     #    (small, and independent of the number of processes); full finetuning the model and optimizer
     if spec.method == "lora":
-        state = {"lora_state": {}, "optimizer_state": {}, "lora_config": spec.lora.to_dict()}
+        lora_config = dataclasses.replace(spec.lora, quantize=spec.quantize)  # a QLoRA run resumes only as QLoRA
+        state = {"lora_state": {}, "optimizer_state": {}, "lora_config": lora_config.to_dict()}
         save_fn = partial(save_lora_state, fabric, model, optimizer)
-        load_fn = partial(load_lora_state, fabric, model, optimizer, spec.lora)
+        load_fn = partial(load_lora_state, fabric, model, optimizer, lora_config)
     else:
         state, save_fn, load_fn = {"model": model, "optimizer": optimizer}, None, None
     if fabric.is_global_zero and resume_from is None:
@@ -468,7 +469,7 @@ def load_lora_state(fabric: Fabric, model, optimizer, lora: LoRAConfig, path: Pa
     fabric.load(path, state)
     if dict(state["lora_config"]) != lora.to_dict():
         raise LitModelError(f"{path} was trained with LoRA {dict(state['lora_config'])} but this run asks for "
-                            f"{lora.to_dict()}; pass the same --lora.* flags to resume it")
+                            f"{lora.to_dict()}; pass the same --lora.* (and --quantize) flags to resume it")
     set_model_state_dict(model.module, dict(state["lora_state"]),
                          options=StateDictOptions(full_state_dict=True, strict=False))
     with _allow_step(fabric):

@@ -76,7 +76,10 @@ def torchao_nf4():
     takes seconds to import)."""
     try:
         with _quiet_torchao():
-            from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
+            try:
+                from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
+            except ImportError:  # torchao < 0.15 kept it under dtypes
+                from torchao.dtypes import nf4tensor as nf4_tensor
     except ImportError as err:
         raise LitModelError(f"NF4 quantization needs torchao ({err}); install it with `pip install torchao` "
                             "(or `pip install -e '.[quant]'`)") from None
