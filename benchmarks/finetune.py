@@ -247,7 +247,7 @@ def qlora_worker(method: str, checkpoint_dir: Path, B: int, T: int, steps: int) 
 
     rss0 = _status_kb("VmRSS")
     t0 = time.perf_counter()
-    if method == "qlora":
+    if method.startswith("qlora"):
         model = load_model_nf4(checkpoint_dir, dtype=torch.float32)
     else:
         model = load_model(checkpoint_dir, dtype=torch.float32)
@@ -255,7 +255,7 @@ def qlora_worker(method: str, checkpoint_dir: Path, B: int, T: int, steps: int) 
     mark_only_lora_as_trainable(model)
     model.train()
     load_s, load_peak = time.perf_counter() - t0, _status_kb("VmHWM")
-    fabric = Fabric(accelerator="cpu", devices=1, precision="32-true")
+    fabric = Fabric(accelerator="cpu", devices=1, precision="32-true", activation_checkpointing=method.endswith("-ac"))
     fabric.launch()
     model = fabric.setup(model)
     optimizer = fabric.setup_optimizers(build_optimizer(model, TrainArgs(lr=1e-4, weight_decay=0.0)))
@@ -292,10 +292,11 @@ def qlora_main(args) -> None:
         ckpt = write_random_checkpoint(name, work)
         print(f"{name}: checkpoint {ckpt} ({(ckpt / 'model.safetensors').stat().st_size / 2**20:.0f} MiB bf16, "
               f"{time.perf_counter() - t0:.0f}s)", flush=True)
-        results: dict[str, list[dict]] = {"lora": [], "qlora": []}
+        methods = args.qlora_methods.split(",")
+        results: dict[str, list[dict]] = {m: [] for m in methods}
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads or torch.get_num_threads())}
         for r in range(args.rounds):
-            for method in ("lora", "qlora"):
+            for method in methods:
                 cmd = [sys.executable, __file__, "--_worker", method, "--_checkpoint", str(ckpt), "--batch",
                        str(args.batch), "--qlora_seq", str(args.qlora_seq), "--qlora_steps", str(args.qlora_steps),
                        *(["--threads", str(args.threads)] if args.threads else [])]
@@ -320,16 +321,18 @@ def qlora_main(args) -> None:
     print("\n| model shape | method | parameters in memory MB | load s | peak RSS MB (whole process) | step s | tokens/s |")
     print("|---|---|---|---|---|---|---|")
     for name, s in rows:
-        for method in ("lora", "qlora"):
-            x = s[method]
-            print(f"| {name} | {'LoRA' if method == 'lora' else 'QLoRA (nf4)'} | {x['weights']:.0f} | {x['load_s']:.1f} | "
+        for method, x in s.items():
+            label = {"lora": "LoRA", "qlora": "QLoRA (nf4)", "lora-ac": "LoRA + act. ckpt",
+                     "qlora-ac": "QLoRA (nf4) + act. ckpt"}[method]
+            print(f"| {name} | {label} | {x['weights']:.0f} | {x['load_s']:.1f} | "
                   f"{x['peak']:.0f} | {x['step']:.2f} | {x['tps']:.1f} |")
     for name, s in rows:
-        a, b = s["lora"], s["qlora"]
-        print(f"{name}: QLoRA peak memory {b['peak'] / a['peak'] * 100:.0f}% of LoRA's "
-              f"(above the ~{a['start']:.0f} MB the interpreter + torch take before loading: "
-              f"{(b['peak'] - b['start']) / (a['peak'] - a['start']) * 100:.0f}%), tokens/s {b['tps'] / a['tps'] * 100:.0f}% "
-              f"of LoRA's")
+        for q in [m for m in s if m.startswith("qlora") and "lora" in s]:
+            a, b = s["lora"], s[q]
+            print(f"{name}: {q} peak memory {b['peak'] / a['peak'] * 100:.0f}% of LoRA's (above the "
+                  f"~{a['start']:.0f} MB the interpreter + torch take before loading: "
+                  f"{(b['peak'] - b['start']) / (a['peak'] - a['start']) * 100:.0f}%), tokens/s "
+                  f"{b['tps'] / a['tps'] * 100:.0f}% of LoRA's")
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}")
 
@@ -350,6 +353,8 @@ def main() -> None:
     p.add_argument("--qlora_models", default="SmolLM2-135M-Instruct,Llama-3.2-1B", help="registry configs for --quantize")
     p.add_argument("--qlora_seq", type=int, default=256, help="tokens per sequence for --quantize")
     p.add_argument("--qlora_steps", type=int, default=2, help="timed steps per process for --quantize")
+    p.add_argument("--qlora_methods", default="lora,qlora,qlora-ac",
+                   help="runs for --quantize: lora, qlora, and -ac (activation checkpointing) variants")
     p.add_argument("--work_dir", default="/tmp/litmodel-bench", help="where --quantize writes its random checkpoints")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_checkpoint", default=None, help=argparse.SUPPRESS)

@@ -262,7 +262,7 @@ def peft_to_lora(adapter_dir: str | Path, base_config: Config) -> tuple[LoRAConf
         pairs.setdefault(module, {})[m.group(2)] = value.float()
     if not pairs:
         raise LitModelError(f"{source} holds no LoRA weights")
-    r0, alpha0 = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
+    alpha0 = float(config.get("lora_alpha", 8))
 
     def scaling(module: str, r: int) -> float:
         alpha = float(_pattern_value(config.get("alpha_pattern"), module, alpha0))

@@ -20,7 +20,7 @@ from litmodel.lora import LoRALinear, apply_lora, mark_only_lora_as_trainable, m
 if importlib.util.find_spec("torchao") is None:  # not importorskip: torchao's import logs CUDA warnings
     pytest.skip("needs torchao (the quant extra)", allow_module_level=True)
 from litmodel.nf4 import (NF4_LEVELS, NF4Linear, dequantize_nf4, is_nf4, load_model_nf4, nf4_block_sizes,  # noqa: E402
-                          nf4_model_nbytes, quantize_nf4, torchao_nf4)
+                          quantize_nf4, torchao_nf4)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(name="tiny", model_type="llama", block_size=32, vocab_size=96, n_layer=2, n_head=4, n_query_groups=2,
