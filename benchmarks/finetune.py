@@ -16,11 +16,14 @@ positions/mask, `sft_loss`, backward, clipping, AdamW):
   (non-padding) tokens/s.
 
 The variants run interleaved, one step each per round (round 0 is a warm-up and is not counted), and
-the table reports medians over rounds, because the machine is shared. MFU = tokens/s x
-`training.flops_per_token(config, T, backward)` / the matmul rate `training.measure_peak_flops` measured
-for the variant's dtype in the same round. Memory: the process's peak resident set during the step
-minus the resident set before it (glibc's free memory is trimmed first), i.e. activations, gradients,
-optimizer state and temporaries, not the weights.
+the table reports medians over rounds, because the machine is shared. MFU is what the training loop
+prints: tokens/s x `litmodel.flops.train_flops_per_token(model, config, T)` over this machine's peak for
+the variant's matmul dtype (`litmodel.flops.peak_flops`: measured once, cached); "CPU time" columns
+use the step's CPU time / threads instead of its wall time. The table also gives the matmul rate by
+wall time measured just before each step ("matmul now"), a gauge of how busy the machine was.
+Memory: the process's peak resident set during the step minus the resident set before it (glibc's
+free memory is trimmed first), i.e. activations, gradients, optimizer state and temporaries, not the
+weights.
 """
 
 from __future__ import annotations
@@ -45,9 +48,9 @@ sys.path.insert(0, str(ROOT))
 from litmodel import Config, build_model  # noqa: E402
 from litmodel.data.sft import IGNORE_INDEX, PackedBatches, collate_fn, sft_loss  # noqa: E402
 from litmodel.fabric import Fabric  # noqa: E402
+from litmodel.flops import matmul_dtype, measure_matmul_flops, mfu, peak_flops, train_flops_per_token  # noqa: E402
 from litmodel.lora import apply_lora, mark_only_lora_as_trainable  # noqa: E402
-from litmodel.training import (TrainArgs, build_optimizer, cpu_supports_fast_bf16, flops_per_token,  # noqa: E402
-                               measure_peak_flops)
+from litmodel.training import TrainArgs, build_optimizer, cpu_supports_fast_bf16  # noqa: E402
 
 
 # ---- memory of one step (Linux) ------------------------------------------------------------------
@@ -72,18 +75,6 @@ def _reset_peak() -> bool:
         return True
     except OSError:
         return False
-
-
-class CountTokens:
-    """Collate wrapper adding ``n_tokens``: the batch's non-padding input tokens (for useful tokens/s)."""
-
-    def __init__(self, collate) -> None:
-        self.collate = collate
-
-    def __call__(self, items: list[dict]) -> dict:
-        batch = self.collate(items)
-        batch["n_tokens"] = torch.tensor(sum(len(it["input_ids"]) for it in items))
-        return batch
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -122,12 +113,13 @@ def fixed_batches(B: int, T: int, vocab: int):
 
 def loader_batches(dataset, B: int, seed: int = 0):
     """Shuffled batches through the recipe's collate (padding or packed rows, plus the non-padding count)."""
-    collate = CountTokens(partial(collate_fn, pad_id=0))
+    collate = partial(collate_fn, pad_id=0)
     g = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(len(dataset), generator=g).tolist()
         for i in range(0, len(order) - B + 1, B):
-            yield collate([dataset[j] for j in order[i:i + B]])
+            items = [dataset[j] for j in order[i:i + B]]
+            yield {**collate(items), "n_tokens": torch.tensor(sum(len(it["input_ids"]) for it in items))}
 
 
 # ---- variants ------------------------------------------------------------------------------------
@@ -149,8 +141,9 @@ class Variant:
     useful: list = field(default_factory=list)  # non-padding
     cpu_tokens: list = field(default_factory=list)  # per CPU-second of this process / threads
     cpu_useful: list = field(default_factory=list)
-    peak: list = field(default_factory=list)
+    now: list = field(default_factory=list)  # matmul FLOP/s measured just before the step
     mfu: list = field(default_factory=list)
+    mfu_cpu: list = field(default_factory=list)  # tokens per CPU second (had it had the cores to itself)
     mem: list = field(default_factory=list)
 
     @property
@@ -392,6 +385,10 @@ def main() -> None:
     print(f"{args.model}: batch {B} x {T}; bf16 variants {bf16_B} x {bf16_T} "
           f"(fast bf16: {fast_bf16}); threads {torch.get_num_threads()}", flush=True)
     t_start = time.perf_counter()
+    # the denominator the training loop uses: measured once per machine and dtype (5 s), then cached
+    peaks = {prec: peak_flops(torch.device("cpu"), prec) for prec in dict.fromkeys(v.precision for v in variants)}
+    for prec, pk in peaks.items():
+        print(f"peak for {prec}: {pk.flops / 1e9:.2f} GFLOP/s ({pk.label})", flush=True)
     make_models(config, variants)
     mixed = MixedLengths(64, 64, T, config.vocab_size)
     packed = PackedBatches(mixed, T, seed=0)
@@ -407,35 +404,39 @@ def main() -> None:
                 run_step(v)
                 v.batches = saved
                 continue
-            # the matmul rate of this dtype right now (the machine is shared), then the step
-            size = 2048 if v.dtype == torch.float32 or fast_bf16 else 256
-            peak = measure_peak_flops(v.dtype, "cpu", size=size, seconds=0.5)
+            # how busy the machine is right now (the matmul rate of this dtype), then the step
+            now = measure_matmul_flops(matmul_dtype(v.precision), "cpu", seconds=0.5, rounds=1, wall_only=True)
             dt, cpu, tokens, useful, seq, mem = run_step(v)
             cpu_dt = cpu / torch.get_num_threads()  # the step's time had it had the cores to itself
-            fpt = flops_per_token(config, seq, backward="lora" if v.method == "lora" else "full")
+            fpt = train_flops_per_token(v.model, config, seq)
             v.times.append(dt)
             v.tokens.append(tokens / dt)
             v.useful.append(useful / dt)
             v.cpu_tokens.append(tokens / cpu_dt)
             v.cpu_useful.append(useful / cpu_dt)
-            v.peak.append(peak)
-            v.mfu.append(tokens / dt * fpt / peak)
+            v.now.append(now)
+            v.mfu.append(mfu(tokens / dt * fpt, peaks[v.precision]))
+            v.mfu_cpu.append(mfu(tokens / cpu_dt * fpt, peaks[v.precision]))
             v.mem.append(mem)
             print(f"  round {r} {v.name}: {dt:.2f}s (cpu {cpu:.1f}s), {tokens / dt:.1f} tok/s, "
                   f"{useful / dt:.1f} useful tok/s, "
-                  f"MFU {v.mfu[-1] * 100:.1f}% of {peak / 1e9:.1f} GFLOP/s, +{mem:.0f} MB "
+                  f"MFU {v.mfu[-1] * 100:.1f}% (CPU time: {v.mfu_cpu[-1] * 100:.1f}%) {peaks[v.precision].label}, "
+                  f"matmul now {now / 1e9:.1f} GFLOP/s, "
+                  f"+{mem:.0f} MB "
                   f"({time.perf_counter() - t_start:.0f}s)", flush=True)
         if r == 0:
             print(f"  warm-up done ({time.perf_counter() - t_start:.0f}s)", flush=True)
     med = statistics.median
     print(f"\ntotal {time.perf_counter() - t_start:.0f}s; medians of {args.rounds} interleaved rounds")
     print("\n| variant | B x T | step s | tokens/s | useful tokens/s | tokens/s (CPU time) | useful tokens/s (CPU time) "
-          "| MFU | peak matmul GFLOP/s | step peak +MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| MFU | MFU (CPU time) | peak GFLOP/s (cached) | matmul now GFLOP/s (wall) | step peak +MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for v in variants:
         print(f"| {v.name} | {v.B} x {v.T if v.data == 'fixed' else '≤' + str(v.T)} | {med(v.times):.2f} | "
               f"{med(v.tokens):.1f} | {med(v.useful):.1f} | {med(v.cpu_tokens):.1f} | {med(v.cpu_useful):.1f} | "
-              f"{med(v.mfu) * 100:.1f}% | {med(v.peak) / 1e9:.2f} | {med(v.mem):.0f} |")
+              f"{med(v.mfu) * 100:.1f}% | {med(v.mfu_cpu) * 100:.1f}% | {peaks[v.precision].flops / 1e9:.2f} | "
+              f"{med(v.now) / 1e9:.2f} | "
+              f"{med(v.mem):.0f} |")
     by = {v.name: v for v in variants}
 
     def ratio(a: str, b: str, key: str) -> str:

@@ -7,7 +7,7 @@ Every variant trains `pretrain/gpt.py` (32-true, the default's data and 4096-tok
 same number of training FLOPs (`litmodel.flops.train_flops_per_token` x tokens) as the default recipe
 spends on its 0.5M tokens, times ``--budget``; warmup keeps the default's fraction of the steps. The final
 validation loss does not depend on how busy the machine is (seeded, deterministic), so variants are
-compared on it; tokens/s and CPU seconds are printed as context only (noisy on a shared machine). The
+compared on it; tokens/s and wall seconds are printed as context only (noisy on a shared machine). The
 vocabulary is not swept: loss per token is not comparable across tokenizers.
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -71,12 +70,10 @@ def run(name: str, model_over: dict, train_over: dict, budget_flops: float, out_
     args += [x for k, v in model_over.items() for x in (f"--model_config.{k}", v)]
     args += [x for k, v in train_over.items() for x in (f"--train.{k}", v)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, str(ROOT / "pretrain" / "gpt.py"), *map(str, args)], cwd=ROOT, env=env,
                        capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # (approximate with --parallel > 1)
     if r.returncode != 0:
         return {"name": name, "error": r.stderr.strip().splitlines()[-1]}
     with open(out / "logs" / "metrics.csv") as f:
@@ -85,8 +82,7 @@ def run(name: str, model_over: dict, train_over: dict, budget_flops: float, out_
     rates = sorted(float(x["tokens_per_sec"]) for x in rows if x.get("tokens_per_sec") not in (None, "", "nan"))
     return {"name": name, "params": sum(p.numel() for p in build_model(config).parameters()) / 1e6,
             "steps": steps, "tokens": steps * tokens_per_step, "val_loss": val,
-            "tok_s": rates[len(rates) // 2] if rates else float("nan"), "wall": wall,
-            "cpu": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)}
+            "tok_s": rates[len(rates) // 2] if rates else float("nan"), "wall": wall}
 
 
 def main() -> None:
@@ -103,14 +99,14 @@ def main() -> None:
     variants = {k: v for k, v in VARIANTS.items() if not a.only or k in a.only}
     with ThreadPoolExecutor(a.parallel) as pool:
         results = list(pool.map(lambda kv: run(kv[0], *kv[1], budget, a.out_dir, a.threads), variants.items()))
-    print("\n| variant | params | steps | tokens | final val loss | tokens/s (median) | wall s | CPU s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| variant | params | steps | tokens | final val loss | tokens/s (median) | wall s |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
             print(f"| {r['name']} | failed: {r['error']} |")
             continue
         print(f"| {r['name']} | {r['params']:.2f}M | {r['steps']} | {r['tokens']:,} | {r['val_loss']:.3f} | "
-              f"{r['tok_s']:.0f} | {r['wall']:.0f} | {r['cpu']:.0f} |")
+              f"{r['tok_s']:.0f} | {r['wall']:.0f} |")
 
 
 if __name__ == "__main__":

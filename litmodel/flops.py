@@ -225,34 +225,47 @@ def cache_dir() -> Path:
 
 
 def measure_matmul_flops(dtype: torch.dtype, device: torch.device | str = "cpu", seconds: float = 5.0,
-                         rounds: int = 5, max_size: int = 2048) -> float:
+                         rounds: int = 5, max_size: int = 2048, wall_only: bool = False) -> float:
     """The best matrix-product rate (FLOP/s) over ``rounds`` rounds filling ``seconds`` in all.
 
-    The size grows until one product takes >= 20 ms (capped at ``max_size``), so a slow dtype (bf16
-    on a CPU without bf16 units) is probed with small matrices instead of taking minutes."""
+    The size grows from 512 until one product takes >= 50 ms (capped at ``max_size``), so a slow dtype (bf16
+    on a CPU without bf16 units) is probed with small matrices instead of taking minutes. On CPU a
+    round's rate is the larger of FLOPs per wall second and FLOPs per CPU second of this process
+    times its threads: on a shared machine the process is preempted, and wall time alone would
+    measure the neighbours' load (seen here: 9 GFLOP/s by wall time, 113 by CPU time, at load 11
+    on 2 cores), not what the cores can do. ``wall_only``: the rate by wall time (how busy the
+    machine is right now)."""
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    size = 256
+    threads = torch.get_num_threads()
+    size = 512
     while True:
         a = torch.randn(size, size, device=device).to(dtype)
         b = torch.randn(size, size, device=device).to(dtype)
         a @ b  # warm-up
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         a @ b
         sync()
-        if time.perf_counter() - t0 >= 0.02 or size >= max_size:
+        took = min(time.perf_counter() - t0, (time.process_time() - c0) / threads if device.type == "cpu" else 1e9)
+        if took >= 0.05 or size >= max_size:
             break
         size *= 2
     best = 0.0
     for _ in range(rounds):
-        n, start = 0, time.perf_counter()
+        n, start, cpu_start = 0, time.perf_counter(), time.process_time()
         while n < 2 or time.perf_counter() - start < seconds / rounds:
             a @ b
             n += 1
         sync()
-        best = max(best, 2 * size**3 * n / (time.perf_counter() - start))
+        flops = 2 * size**3 * n
+        best = max(best, flops / (time.perf_counter() - start))
+        if device.type == "cpu" and not wall_only:
+            best = max(best, flops * threads / max(time.process_time() - cpu_start, 1e-9))
     return best
+
+
+_PROBE = "probe=2"  # the probe's version: entries of an older probe (wall time only) are measured again
 
 
 def _read_cache(path: Path) -> dict:
@@ -280,7 +293,7 @@ def cpu_peak(precision: str, seconds: float = 5.0, path: Path | None = None, ref
     """The measured matmul peak of this CPU for ``precision`` with the current thread count, cached."""
     dtype = matmul_dtype(precision)
     cpu, threads = cpu_name(), torch.get_num_threads()
-    key = f"{cpu}|threads={threads}|{str(dtype).removeprefix('torch.')}|torch={torch.__version__}"
+    key = f"{cpu}|threads={threads}|{str(dtype).removeprefix('torch.')}|torch={torch.__version__}|{_PROBE}"
     path = path or cache_dir() / "peak_flops.json"
     entry = None if refresh else _read_cache(path).get(key)
     if entry and entry.get("flops"):

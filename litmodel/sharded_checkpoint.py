@@ -38,8 +38,7 @@ def fill_from_checkpoint(model: nn.Module, checkpoint_dir: str | Path, lora_rng:
     path = Path(checkpoint_dir) / MODEL_FILE
     missing = load_safetensors_sharded(module, path)
     lora = [m for m in module.modules() if isinstance(m, LoRALinear)]
-    lora_names = {n for n, p in module.named_parameters() if n.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
-    unexpected = [n for n in missing if n not in lora_names]
+    unexpected = [n for n in missing if n.rsplit(".", 1)[-1] not in ("lora_A", "lora_B")]
     if unexpected:
         raise LitModelError(f"{path} has no tensor {unexpected[0]!r} ({len(unexpected)} missing in all); "
                             "the checkpoint does not match model_config.yaml")

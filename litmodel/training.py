@@ -1,8 +1,8 @@
 """The training loop every recipe calls (`fit`), and the pieces it is made of, written once.
 
 Hyperparameter groups (`TrainArgs`, `EvalArgs`), optimizer parameter groups, the warmup + cosine
-learning-rate schedule, the next-token loss, FLOPs/MFU accounting, throughput/ETA monitoring,
-validation, and the layout of resumable training state under ``out_dir/step-XXXXXX``.
+learning-rate schedule, the next-token loss, throughput/MFU/ETA monitoring (FLOP counts and peaks:
+litmodel/flops.py), validation, and the layout of resumable training state under ``out_dir/step-XXXXXX``.
 
 The loop (`fit`) normalises per loss unit over the whole global batch: a recipe gives
 ``count_fn(batch)`` (the units of a micro-batch, e.g. its target tokens, known before the forward) and
@@ -146,43 +146,7 @@ def count_input_tokens(batch: Any) -> int:
     return _inputs_and_targets(batch)[0].numel()
 
 
-# ---- FLOPs, MFU and throughput ------------------------------------------------------------------
-def matmul_params(config: Config) -> int:
-    """Parameters that take part in matrix products per token (all but the embedding lookups)."""
-    c = config
-    attn = c.n_embd * (c.n_head + 2 * c.n_query_groups) * c.head_size + c.n_head * c.head_size * c.n_embd
-    mlp = (3 if c.family == "llama" else 2) * c.n_embd * c.intermediate_size
-    return c.n_layer * (attn + mlp) + c.n_embd * c.padded_vocab_size
-
-
-def flops_per_token(config: Config, seq_len: int, backward: str = "full") -> float:
-    """Model FLOPs per token (PaLM-style): 2N forward + attention scores, times 3 for full training.
-
-    ``backward``: "full" (weights and activations: 6N), "lora" (frozen weights: activation gradients
-    only, 4N) or "none" (inference, 2N). Attention (QK^T and AV) counts 4 * T * n_head * head_size
-    per layer and token in the forward pass.
-    """
-    forward = 2 * matmul_params(config) + 4 * config.n_layer * seq_len * config.n_head * config.head_size
-    return forward * {"full": 3, "lora": 2, "none": 1}[backward]
-
-
-def measure_peak_flops(dtype: torch.dtype, device: torch.device | str = "cpu", size: int = 2048,
-                       seconds: float = 1.0) -> float:
-    """The matrix-product rate this device reaches right now (FLOP/s), the denominator of MFU."""
-    device = torch.device(device)
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    a @ b
-    sync()
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds or n < 3:
-        a @ b
-        n += 1
-    sync()
-    return 2 * size**3 * n / (time.perf_counter() - start)
-
-
+# ---- throughput and MFU (FLOP counts and peaks: litmodel/flops.py) ---------------------------------
 class SpeedMonitor:
     """Tokens/s, MFU and ETA over a sliding window of recent optimizer steps.
 

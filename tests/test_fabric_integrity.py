@@ -212,7 +212,8 @@ def fsdp_worker(fabric: Fabric, small: str, lora_ref: dict, big: str, out_dir: s
     out["local_mb"] = sum(p.to_local().numel() * p.element_size() for p in params) / 2**20
     out["full_mb"] = sum(p.numel() * p.element_size() for p in params) / 2**20
     out["largest_local_mb"] = max(torch.Size(local_box(p)[0]).numel() * p.element_size() for p in params) / 2**20
-    out["big_equal"] = equal(get_model_state_dict(bmodel.module, options=full), mmap_safetensors(Path(big) / MODEL_FILE))
+    bsd = get_model_state_dict(bmodel.module, options=full)
+    out["big_equal"] = equal(bsd, mmap_safetensors(Path(big) / MODEL_FILE))
     return out
 
 
@@ -315,3 +316,27 @@ def test_atomic_writes_fsync_before_publishing(tmp_path, io_log):
     rename = next(i for i, e in enumerate(io_log) if e[0] == "replace")
     assert ("fsync", str(staging / "config.json")) in io_log[:rename]
     assert ("fsync", str(tmp_path / "hf")) in io_log[rename:]
+
+
+def test_load_raw_safetensors_one_process_and_bad_checkpoints(tmp_path):
+    from litmodel.utils import LitModelError
+
+    torch.manual_seed(0)
+    src = build_model(tiny(tie_embeddings=True))
+    src.init_weights()
+    save_checkpoint_dir(tmp_path / "ckpt", src, src.config)
+    fabric = Fabric(accelerator="cpu")
+    with fabric.init_module(empty_init=True):
+        model = build_model(tiny(tie_embeddings=True))
+    model = fabric.setup(model)
+    fabric.load_raw(tmp_path / "ckpt" / MODEL_FILE, model)
+    for k, v in src.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert model.lm_head.weight is model.wte.weight
+    wider = fabric.setup(build_model(tiny(n_embd=64)))
+    with pytest.raises(LitModelError, match=r"'blocks.0.attn.proj.weight' has shape \(32, 32\) but the model's is "
+                                            r"\(64, 64\)"):
+        fabric.load_raw(tmp_path / "ckpt" / MODEL_FILE, wider)
+    untied = fabric.setup(build_model(tiny()))  # the file stores a tied head once: lm_head.weight is missing
+    with pytest.raises(LitModelError, match=r"has no tensor 'lm_head.weight' \(1 missing in all\)"):
+        fabric.load_raw(tmp_path / "ckpt" / MODEL_FILE, untied)

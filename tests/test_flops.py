@@ -67,9 +67,14 @@ def test_forward_flops_match_flop_counter(family):
 
 
 def test_flops_see_through_wrappers():
-    model, config = _model("llama-gqa", "full")
-    compiled = torch.compile(model)  # not run: only the wrapper's structure matters
-    assert train_flops_per_token(compiled, config, 8) == train_flops_per_token(model, config, 8)
+    from litmodel.fabric import Fabric
+
+    model, config = _model("llama-gqa", "lora-qv")
+    expected = train_flops_per_token(model, config, 8)
+    wrapped = Fabric(accelerator="cpu", activation_checkpointing=True).setup(model)
+    assert type(wrapped.module.blocks[0]).__name__ == "CheckpointWrapper"
+    compiled = torch.compile(wrapped)  # not run: only the wrappers' structure matters
+    assert train_flops_per_token(compiled, config, 8) == train_flops_per_token(wrapped, config, 8) == expected
 
 
 @pytest.mark.parametrize("name, precision, tflops", [

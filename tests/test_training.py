@@ -263,3 +263,44 @@ def test_loss_plot_from_a_resumed_log(tmp_path):
     assert losses == {"loss": [(100.0, 4.0), (200.0, 3.0), (300.0, 1.5)], "val_loss": [(300.0, 2.5)]}
     png = plot_losses(log.metrics_file, tmp_path / "loss.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_two_rank_lora_with_dropout_killed_and_resumed_equals_uninterrupted(setup, tmp_path):
+    """2 DDP ranks, LoRA dropout (each rank its own random stream), SIGKILLed from outside once a checkpoint
+    exists, resumed with --resume auto: the same losses and adapter as the uninterrupted run."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from tests.helpers import run_and_kill
+    from tests.test_finetune import ROOT, losses
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": "1"}
+
+    def cmd(out):
+        return [sys.executable, str(ROOT / "finetune" / "lora.py"), "--checkpoint_dir", str(setup["ckpt"]),
+                "--out_dir", str(out), "--data", "JSON", "--data.json_path", str(setup["data"]),
+                "--data.val_split_fraction", "0", "--precision", "32-true", "--accelerator", "cpu", "--devices", "2",
+                "--strategy", "ddp", "--train.global_batch_size", "4", "--train.micro_batch_size", "1",
+                "--train.epochs", "8", "--train.save_interval", "2", "--train.warmup_steps", "2", "--lora.r", "4",
+                "--lora.dropout", "0.2", "--eval.interval", "0", "--eval.max_new_tokens", "0", "--merge", "false"]
+
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    r = subprocess.run(cmd(straight), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_and_kill(cmd(crashed), crashed / "step-000002.pt", cwd=ROOT, env=env)
+    assert r.returncode == -9 and not (crashed / "final").exists(), r.stderr[-3000:]
+    r = subprocess.run([*cmd(crashed), "--resume", "auto"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-3000:]
+    a, b = losses(straight), losses(crashed)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a[step], b[step])
+    wa, wb = (load_file(str(d / "final" / "lora.safetensors")) for d in (straight, crashed))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)

@@ -42,7 +42,8 @@ def copy_full_into(dst: torch.Tensor, full: torch.Tensor) -> None:
         local.copy_(full)
 
 
-def _read_box(f: BinaryIO, info: dict, data_start: int, shape: tuple[int, ...], offset: tuple[int, ...]) -> torch.Tensor:
+def _read_box(f: BinaryIO, info: dict, data_start: int, shape: tuple[int, ...],
+              offset: tuple[int, ...]) -> torch.Tensor:
     """The box ``offset : offset + shape`` of a stored tensor; only its rows (dim 0) are read."""
     from litmodel.checkpoint import SAFETENSORS_DTYPES
 
