@@ -3,14 +3,21 @@ r"""Generate text from a prompt with a litmodel checkpoint, streaming it to stdo
     python generate/base.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M --prompt "Once upon a time"
     echo "Once upon a time" | python generate/base.py --checkpoint_dir ... --temperature 0
     python generate/base.py --checkpoint_dir ... --prompt "..." --precision bf16-true --compile true --quantize int8
+    python generate/base.py --checkpoint_dir ... --prompts_file prompts.txt --max_batch_size 8 > out.jsonl
 
 The generated text (not the prompt) goes to stdout as it is produced; time to first token, tokens/s and
 peak memory go to stderr. A checkpoint dir of a merged LoRA finetune works as is (its lora.* files are
 ignored).
+
+With --prompts_file (one prompt per line, or JSON lines with a "prompt" field) every prompt is generated
+with continuous batching (`litmodel.batching`, as the server does: up to --max_batch_size at a time, each
+with exactly the tokens it would get alone) and one JSON line per prompt goes to stdout, in file order:
+{"prompt", "completion", "finish_reason", "prompt_tokens", "completion_tokens"}.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -20,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also works from 
 
 import torch
 
+from litmodel.batching import BatchEngine, Request, SamplingParams
 from litmodel.generate import (Timer, check_lengths, check_sampling, dump_prompt_ids, generate, make_generator,
                                model_bytes, precision_name, read_stdin_prompt, setup_generation, sync, warmup)
 from litmodel.utils import LitModelError, cli_main
@@ -39,6 +47,8 @@ def main(
     quantize: Optional[Literal["int8"]] = None,
     device: str = "auto",
     accelerator: Optional[str] = None,
+    prompts_file: Optional[Path] = None,
+    max_batch_size: int = 8,
 ) -> list[list[int]]:
     """Generate text from a prompt.
 
@@ -56,10 +66,15 @@ def main(
         quantize: "int8": int8 weight-only quantization of every linear layer (about half bf16's memory).
         device: auto (cuda if available, else cpu), cpu, cuda or cuda:N.
         accelerator: Alias of --device (cpu, cuda, gpu or auto); overrides it when given.
+        prompts_file: Generate for every prompt of this file (one per line, or JSON lines {"prompt": ...}),
+            batched; prints one JSON line per prompt. With --seed, prompt i samples with seed + i.
+        max_batch_size: With --prompts_file: how many prompts are decoded together.
     """
     check_sampling(temperature, top_k, top_p)
     if num_samples < 1:
         raise LitModelError(f"--num_samples must be >= 1, got {num_samples}")
+    if prompts_file is not None and (prompt is not None or num_samples != 1):
+        raise LitModelError("--prompts_file replaces --prompt and --num_samples; repeat a line to sample it again")
     if max_new_tokens < 1:
         raise LitModelError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
     if seed is not None:
@@ -67,6 +82,8 @@ def main(
     gen = setup_generation(checkpoint_dir, device=accelerator or device, precision=precision, quantize=quantize,
                            compile=compile)
     tok, config = gen.tokenizer, gen.config
+    if prompts_file is not None:
+        return generate_file(gen, prompts_file, max_batch_size, max_new_tokens, temperature, top_k, top_p, seed)
     if prompt is None or prompt == "-":
         prompt = read_stdin_prompt()
     ids = tok.encode(prompt)
@@ -101,6 +118,67 @@ def main(
         label = f"sample {i + 1}/{num_samples}: " if num_samples > 1 else ""
         print(label + timer.report(gen.device), file=sys.stderr)
     return outputs
+
+
+def read_prompts(path: Path) -> list[str]:
+    """The prompts of a text file (one per non-empty line) or a JSONL file (a "prompt" string per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LitModelError(f"--prompts_file {path} does not exist")
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not lines or not all(ln.lstrip().startswith("{") for ln in lines):
+        if not lines:
+            raise LitModelError(f"--prompts_file {path} has no prompts")
+        return lines
+    prompts = []
+    for i, ln in enumerate(lines, 1):
+        try:
+            value = json.loads(ln).get("prompt")
+        except (json.JSONDecodeError, AttributeError):
+            value = None
+        if not isinstance(value, str):
+            raise LitModelError(f"line {i} of {path} is not a JSON object with a \"prompt\" string; use one prompt "
+                                "per line or JSON lines like {\"prompt\": \"...\"}")
+        prompts.append(value)
+    return prompts
+
+
+def generate_file(gen, prompts_file: Path, max_batch_size: int, max_new_tokens: int, temperature: float,
+                  top_k: Optional[int], top_p: float, seed: Optional[int]) -> list[list[int]]:
+    """Batched generation for every prompt of a file; JSON lines to stdout in file order, progress to stderr."""
+    tok, block_size = gen.tokenizer, gen.config.block_size
+    texts = read_prompts(prompts_file)
+    ids = [tok.encode(t) for t in texts]
+    for i, p in enumerate(ids):
+        if not p:
+            raise LitModelError(f"prompt {i + 1} of {prompts_file} is empty and the tokenizer adds no BOS token")
+        check_lengths(len(p), max_new_tokens, block_size)
+    length = max(len(p) for p in ids) + max_new_tokens
+    engine = BatchEngine(gen.model, tok, max_batch_size=min(max_batch_size, len(ids)), max_seq_length=length,
+                         decode_step=gen.decode_step)
+    if gen.compile:
+        t0 = time.perf_counter()
+        engine.warmup()
+        print(f"compiled the decode step in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    reqs = [engine.submit(Request(p, SamplingParams(max_new_tokens, temperature, top_k, top_p,
+                                                     None if seed is None else seed + i, stop_ids=tok.stop_ids)))
+            for i, p in enumerate(ids)]
+    t0, printed, last_report = time.perf_counter(), 0, 0.0
+    while engine.has_work():
+        engine.step()
+        while printed < len(reqs) and reqs[printed].done.is_set():  # in file order, as soon as possible
+            r = reqs[printed]
+            print(json.dumps({"prompt": texts[printed], "completion": r.text, "finish_reason": r.finish_reason,
+                              "prompt_tokens": len(r.prompt_ids), "completion_tokens": r.completion_tokens},
+                             ensure_ascii=False), flush=True)
+            printed += 1
+        now = time.perf_counter()
+        if now - last_report > 5 or not engine.has_work():
+            last_report, done, n = now, engine.stats["finished"], sum(r.completion_tokens for r in reqs)
+            print(f"{done}/{len(reqs)} prompts, {n} tokens in {now - t0:.1f} s ({n / (now - t0):.1f} tokens/s)",
+                  file=sys.stderr)
+    engine.close()
+    return [r.output_ids for r in reqs]
 
 
 def setup(argv: Optional[list[str]] = None) -> None:

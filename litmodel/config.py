@@ -1,10 +1,11 @@
-"""Model configuration: one dataclass for both families, a registry of named Hub models,
+"""Model configuration: one dataclass for every family, a registry of named Hub models,
 and translation to and from Hugging Face ``config.json``."""
 
 from __future__ import annotations
 
 import difflib
 import json
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -13,14 +14,18 @@ import yaml
 
 from litmodel.utils import LitModelError
 
-HF_MODEL_TYPES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2")
+HF_MODEL_TYPES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "phi3", "olmo2",
+                  "smollm3", "gemma2", "gemma3_text")
+GEMMA_TYPES = ("gemma2", "gemma3_text")
+ROPE_TYPES = ("default", "llama3", "linear", "longrope")
 
 
 @dataclass
 class Config:
     name: str = "custom"
     hf_repo_id: str | None = None
-    # gpt2 | gpt_neox -> litmodel.gpt.GPT ; llama | mistral | qwen2 -> litmodel.llama.Llama
+    # gpt2 | gpt_neox -> litmodel.gpt.GPT ; gemma2 | gemma3_text -> litmodel.gemma.Gemma ;
+    # the rest (llama, mistral, qwen2, qwen3, qwen3_moe, mixtral, phi3, olmo2, smollm3) -> litmodel.llama.Llama
     model_type: str = "llama"
     block_size: int = 2048  # longest sequence the model supports
     vocab_size: int = 32000  # the tokenizer's vocabulary
@@ -42,8 +47,26 @@ class Config:
     # rotary position embedding
     rotary_percentage: float = 1.0  # share of each head that is rotated (GPT-NeoX: 0.25)
     rope_base: float = 10000.0
-    rope_scaling: dict | None = None  # Llama 3.1: factor, low_freq_factor, high_freq_factor, original_max_seq_len
+    # rope_type "llama3" (the default when absent: factor, low_freq_factor, high_freq_factor, original_max_seq_len),
+    # "linear" (factor) or "longrope" (short_factor, long_factor, original_max_seq_len, attention_factor)
+    rope_scaling: dict | None = None
     sliding_window: int | None = None  # Mistral v0.1: a token sees at most this many keys
+    # per layer "sliding_attention" | "full_attention" (Gemma); None: every layer uses `sliding_window`
+    layer_types: list[str] | None = None
+    # newer Llama-family twists
+    qk_norm: str | None = None  # "head": RMSNorm per head on q and k (Qwen3, Gemma 3); "full": on all of q, k (OLMo 2)
+    post_norm: bool = False  # OLMo 2: x + norm(attn(x)) and x + norm(mlp(x)) instead of pre-norms
+    nope_layers: list[int] | None = None  # SmolLM3: the layers without rotary embedding
+    # mixture of experts (Mixtral, Qwen3-MoE); n_expert 0 means a dense MLP
+    n_expert: int = 0
+    n_expert_per_token: int = 0
+    moe_intermediate_size: int | None = None  # each expert's hidden size; None: intermediate_size
+    norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to 1
+    # Gemma 2 / 3
+    rope_local_base: float | None = None  # Gemma 3: RoPE base of the sliding-window layers (never scaled)
+    query_pre_attn_scalar: float | None = None  # attention scores scaled by 1/sqrt(this); None: head_size
+    attn_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
+    final_softcap: float | None = None  # Gemma 2: logits -> cap * tanh(logits / cap)
 
     def __post_init__(self) -> None:
         if self.model_type not in HF_MODEL_TYPES:
@@ -56,12 +79,32 @@ class Config:
             self.head_size = self.n_embd // self.n_head
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.n_embd
+        if self.moe_intermediate_size is None and self.n_expert:
+            self.moe_intermediate_size = self.intermediate_size
         if self.n_head % self.n_query_groups:
             raise LitModelError(f"n_head ({self.n_head}) must be a multiple of n_query_groups ({self.n_query_groups})")
+        if self.n_expert and not 0 < self.n_expert_per_token <= self.n_expert:
+            raise LitModelError(f"n_expert_per_token ({self.n_expert_per_token}) must be in 1..n_expert "
+                                f"({self.n_expert})")
+        if self.qk_norm not in (None, "head", "full"):
+            raise LitModelError(f"unsupported qk_norm {self.qk_norm!r}; supported: head, full, or null")
+        if self.layer_types is not None and len(self.layer_types) != self.n_layer:
+            raise LitModelError(f"layer_types has {len(self.layer_types)} entries for {self.n_layer} layers")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "llama3")
+        if self.rope_scaling and rope_type not in ROPE_TYPES[1:]:
+            raise LitModelError(f"unsupported rope_type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
 
     @property
     def family(self) -> str:
-        return "gpt" if self.model_type in ("gpt2", "gpt_neox") else "llama"
+        if self.model_type in ("gpt2", "gpt_neox"):
+            return "gpt"
+        return "gemma" if self.model_type in GEMMA_TYPES else "llama"
+
+    def layer_window(self, i: int) -> int | None:
+        """The sliding window of layer ``i`` (None: it attends to every earlier token)."""
+        if self.layer_types is not None and self.layer_types[i] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     @property
     def rope_n_elem(self) -> int:
@@ -99,21 +142,26 @@ class Config:
         """Derive a config from a Hub ``config.json`` (transformers 4.x and 5.x dialects)."""
         if not isinstance(hf, dict):
             hf = json.loads(Path(hf).read_text())
+        hf = hf_text_config(hf)
         model_type = hf.get("model_type")
         if model_type not in HF_MODEL_TYPES:
             raise LitModelError(
                 f"unsupported model_type {model_type!r} in config.json; supported: {', '.join(HF_MODEL_TYPES)}"
             )
         # transformers 5 groups rope settings in `rope_parameters`; 4.x writes them at the top level
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        rope_params = hf.get("rope_parameters") or {}
+        if model_type == "gemma3_text" and "full_attention" in rope_params:  # 5.x: one block per layer type
+            local = rope_params.get("sliding_attention") or {}
+            rope = dict(rope_params["full_attention"])
+            rope_local_base = local.get("rope_theta", 10000.0)
+            if local.get("rope_type", "default") != "default":
+                raise LitModelError(f"unsupported rope type {local['rope_type']!r} on Gemma 3's sliding layers; "
+                                    "supported: default")
+        else:
+            rope = dict(rope_params or hf.get("rope_scaling") or {})
+            rope_local_base = hf.get("rope_local_base_freq", 10000.0)
         rope_theta = rope.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3"):
-            raise LitModelError(f"unsupported rope type {rope_type!r}; supported: default, llama3")
-        rope_scaling = None
-        if rope_type == "llama3":
-            rope_scaling = {k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor")}
-            rope_scaling["original_max_seq_len"] = rope["original_max_position_embeddings"]
+        rope_scaling = _rope_scaling_from_hf(rope, hf, model_type)
         name = name or hf.get("_name_or_path") or "custom"
         common = dict(name=str(name).split("/")[-1], hf_repo_id=name if "/" in str(name) else None,
                       model_type=model_type, vocab_size=hf["vocab_size"])
@@ -134,20 +182,60 @@ class Config:
                        gelu_approximate="tanh" if hf.get("hidden_act") in ("gelu_new", "gelu_pytorch_tanh") else "none",
                        rotary_percentage=rope.get("partial_rotary_factor", hf.get("rotary_pct", 0.25)),
                        rope_base=rope_theta)
+        n_layer = hf["num_hidden_layers"]
         sliding_window = hf.get("sliding_window")
-        if model_type == "qwen2" and not hf.get("use_sliding_window", False):
-            sliding_window = None
-        return cls(**common, block_size=hf["max_position_embeddings"], n_layer=hf["num_hidden_layers"],
+        kw: dict[str, Any] = {}
+        if model_type in ("qwen2", "qwen3", "qwen3_moe", "smollm3"):
+            if not hf.get("use_sliding_window", False):
+                sliding_window = None
+            elif sliding_window is not None:  # 4.x: the layers from max_window_layers on (SmolLM3: the NoPE ones) slide
+                flags = hf.get("no_rope_layers") or []
+                kw["layer_types"] = hf.get("layer_types") or [
+                    "sliding_attention" if (i >= hf.get("max_window_layers", 28) if model_type != "smollm3" else
+                                            (i < len(flags) and not flags[i])) else "full_attention"
+                    for i in range(n_layer)]
+        act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+        if act != ("gelu_pytorch_tanh" if model_type in GEMMA_TYPES else "silu"):
+            raise LitModelError(f"unsupported activation {act!r} for {model_type}; supported: "
+                                f"{'gelu_pytorch_tanh' if model_type in GEMMA_TYPES else 'silu'}")
+        if model_type in ("qwen3", "qwen3_moe", "gemma3_text"):
+            kw["qk_norm"] = "head"
+        if model_type == "olmo2":
+            kw.update(qk_norm="full", post_norm=True)
+        if model_type == "smollm3":
+            flags = hf.get("no_rope_layers") or [int((i + 1) % hf.get("no_rope_layer_interval", 4) != 0)
+                                                 for i in range(n_layer)]
+            kw["nope_layers"] = [i for i, use_rope in enumerate(flags) if not use_rope] or None
+        if model_type in ("mixtral", "qwen3_moe"):
+            if model_type == "qwen3_moe" and (hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers")):
+                raise LitModelError("unsupported Qwen3-MoE layout (decoder_sparse_step != 1 or mlp_only_layers); "
+                                    "supported: every layer a mixture of experts")
+            kw.update(n_expert=hf.get("num_local_experts") or hf["num_experts"],
+                      n_expert_per_token=hf["num_experts_per_tok"],
+                      moe_intermediate_size=hf.get("moe_intermediate_size") or hf["intermediate_size"],
+                      norm_topk_prob=hf.get("norm_topk_prob", True) if model_type == "qwen3_moe" else True)
+        if model_type == "phi3":
+            kw["rotary_percentage"] = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+        if model_type in GEMMA_TYPES:
+            every = hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or (
+                2 if model_type == "gemma2" else 6)
+            kw.update(layer_types=hf.get("layer_types") or [
+                "sliding_attention" if (i + 1) % every else "full_attention" for i in range(n_layer)],
+                query_pre_attn_scalar=hf.get("query_pre_attn_scalar"),
+                attn_softcap=hf.get("attn_logit_softcapping"), final_softcap=hf.get("final_logit_softcapping"))
+            if model_type == "gemma3_text":
+                kw["rope_local_base"] = rope_local_base
+        return cls(**common, block_size=hf["max_position_embeddings"], n_layer=n_layer,
                    n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
                    n_query_groups=hf.get("num_key_value_heads") or hf["num_attention_heads"],
                    head_size=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
                    intermediate_size=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
                    attn_bias=model_type == "qwen2" or hf.get("attention_bias", False),
-                   tie_embeddings=hf.get("tie_word_embeddings", False), rope_base=rope_theta,
-                   rope_scaling=rope_scaling, sliding_window=sliding_window)
+                   tie_embeddings=hf.get("tie_word_embeddings", model_type in GEMMA_TYPES), rope_base=rope_theta,
+                   rope_scaling=rope_scaling, sliding_window=sliding_window, **kw)
 
     def to_hf_config(self) -> dict:
-        """The ``config.json`` transformers needs to build the same model (4.x-compatible keys)."""
+        """The ``config.json`` transformers needs to build the same model (4.x-style top-level rope keys)."""
         common = {"model_type": self.model_type, "vocab_size": self.padded_vocab_size,
                   "tie_word_embeddings": self.tie_embeddings, "torch_dtype": "float32"}
         if self.model_type == "gpt2":
@@ -166,30 +254,109 @@ class Config:
                     "rotary_pct": self.rotary_percentage, "rotary_emb_base": self.rope_base,
                     "rope_theta": self.rope_base, "partial_rotary_factor": self.rotary_percentage,
                     "attention_dropout": 0.0, "hidden_dropout": 0.0}
-        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
+                "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "smollm3": "SmolLM3ForCausalLM",
+                "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
         hf = {**common, "architectures": [arch[self.model_type]], "max_position_embeddings": self.block_size,
               "num_hidden_layers": self.n_layer, "num_attention_heads": self.n_head,
               "num_key_value_heads": self.n_query_groups, "head_dim": self.head_size, "hidden_size": self.n_embd,
               "intermediate_size": self.intermediate_size, "rms_norm_eps": self.norm_eps, "hidden_act": "silu",
               "rope_theta": self.rope_base, "attention_dropout": 0.0}
         if self.rope_scaling:
-            s = self.rope_scaling
-            hf["rope_scaling"] = {"rope_type": "llama3", "factor": s["factor"], "low_freq_factor": s["low_freq_factor"],
-                                  "high_freq_factor": s["high_freq_factor"],
-                                  "original_max_position_embeddings": s["original_max_seq_len"]}
+            s = dict(self.rope_scaling)
+            rope_type = s.pop("rope_type", "llama3")
+            if "original_max_seq_len" in s:
+                s["original_max_position_embeddings"] = s.pop("original_max_seq_len")
+            hf["rope_scaling"] = {"rope_type": rope_type, **s}
+            if rope_type == "longrope":
+                hf["original_max_position_embeddings"] = s["original_max_position_embeddings"]
         if self.model_type == "llama":
             hf.update(attention_bias=self.attn_bias, mlp_bias=False)
-        elif self.model_type == "mistral":
+        elif self.model_type in ("mistral", "mixtral", "phi3"):
             hf["sliding_window"] = self.sliding_window
-        else:  # qwen2
+        elif self.model_type in ("qwen2", "qwen3", "qwen3_moe", "smollm3"):
+            sliding = [self.layer_window(i) is not None for i in range(self.n_layer)]
             hf.update(use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window,
-                      max_window_layers=self.n_layer)
-        if self.model_type == "mistral" and self.attn_bias:
-            raise LitModelError("a Mistral config cannot express a qkv bias; use model_type qwen2 for that")
+                      max_window_layers=sliding.index(True) if any(sliding) else self.n_layer,
+                      layer_types=["sliding_attention" if s else "full_attention" for s in sliding])
+        if self.model_type in ("qwen3", "qwen3_moe", "olmo2", "smollm3"):
+            hf["attention_bias"] = self.attn_bias
+        if self.model_type in ("phi3", "olmo2", "smollm3"):
+            hf["pad_token_id"] = None  # their defaults (32000, 1, 128004) may lie outside a small vocabulary
+        if self.n_expert:
+            hf.update(num_local_experts=self.n_expert, num_experts=self.n_expert,
+                      num_experts_per_tok=self.n_expert_per_token, router_aux_loss_coef=0.001,
+                      output_router_logits=False)
+            if self.model_type == "qwen3_moe":
+                hf.update(moe_intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob,
+                          decoder_sparse_step=1, mlp_only_layers=[])
+        if self.model_type == "phi3":
+            hf["partial_rotary_factor"] = self.rotary_percentage
+            hf.setdefault("original_max_position_embeddings", self.block_size)
+        if self.model_type == "smollm3":
+            nope = set(self.nope_layers or [])
+            hf["no_rope_layers"] = [int(i not in nope) for i in range(self.n_layer)]
+        if self.family == "gemma":
+            hf.update(hidden_activation="gelu_pytorch_tanh", hidden_act="gelu_pytorch_tanh",
+                      sliding_window=self.sliding_window, layer_types=self.layer_types,
+                      query_pre_attn_scalar=self.query_pre_attn_scalar, attn_logit_softcapping=self.attn_softcap,
+                      final_logit_softcapping=self.final_softcap, attention_bias=self.attn_bias)
+            if self.model_type == "gemma3_text":
+                hf["rope_local_base_freq"] = self.rope_local_base
+                full = [i for i, t in enumerate(self.layer_types or []) if t == "full_attention"]
+                if full and all((i + 1) % (full[0] + 1) == 0 for i in full):
+                    hf["sliding_window_pattern"] = full[0] + 1
+        if self.model_type in ("mistral", "phi3") and self.attn_bias:
+            raise LitModelError(f"a {self.model_type} config cannot express a qkv bias; use model_type qwen2 for that")
         return hf
 
     def replace(self, **changes: Any) -> "Config":
         return replace(self, **changes)
+
+
+# transformers' Gemma3TextConfig defaults: multimodal Gemma 3 checkpoints (4b, 12b, 27b) leave these out of text_config
+_GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                             num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131072,
+                             rms_norm_eps=1e-6, query_pre_attn_scalar=256, sliding_window=4096, rope_theta=1000000.0,
+                             rope_local_base_freq=10000.0, hidden_activation="gelu_pytorch_tanh")
+
+
+def hf_text_config(hf: dict) -> dict:
+    """The language model's part of a multimodal Gemma 3 ``config.json`` (its ``text_config``, with the
+    defaults it leaves out); any other config as it is. litmodel converts the text model only."""
+    if hf.get("model_type") != "gemma3" or not isinstance(hf.get("text_config"), dict):
+        return hf
+    text = {**_GEMMA3_TEXT_DEFAULTS, **hf["text_config"], "model_type": "gemma3_text"}
+    text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", True))
+    if "_name_or_path" in hf:
+        text["_name_or_path"] = hf["_name_or_path"]
+    return text
+
+
+def _rope_scaling_from_hf(rope: dict, hf: dict, model_type: str) -> dict | None:
+    """litmodel's ``rope_scaling`` from an HF rope block (5.x `rope_parameters` or 4.x `rope_scaling`)."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    rope_type = "longrope" if rope_type == "su" else rope_type  # early Phi-3 configs call it "su"
+    if rope_type == "default":
+        return None
+    if rope_type == "llama3":
+        scaling = {k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor")}
+        scaling["original_max_seq_len"] = rope["original_max_position_embeddings"]
+        return scaling
+    if rope_type == "linear":
+        return {"rope_type": "linear", "factor": rope["factor"]}
+    if rope_type == "longrope":
+        old_len = (rope.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+                   or hf["max_position_embeddings"])
+        factor = rope.get("factor") or hf["max_position_embeddings"] / old_len
+        attention_factor = rope.get("attention_factor") or (
+            1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old_len)))
+        return {"rope_type": "longrope", "short_factor": [float(f) for f in rope["short_factor"]],
+                "long_factor": [float(f) for f in rope["long_factor"]], "original_max_seq_len": old_len,
+                "attention_factor": attention_factor}
+    raise LitModelError(f"unsupported rope type {rope_type!r} in the {model_type} config.json; supported: "
+                        f"{', '.join(ROPE_TYPES)}")
 
 
 # ---- the registry of named configs ---------------------------------------------------------------
@@ -254,6 +421,76 @@ configs.append(dict(_mistral, model_type="mistral", name="Mistral-7B-v0.1", hf_r
                     sliding_window=4096))
 configs.append(dict(_mistral, model_type="mistral", name="Mistral-7B-Instruct-v0.3", vocab_size=32768,
                     rope_base=1000000.0, hf_repo_id="mistralai/Mistral-7B-Instruct-v0.3"))
+
+# Qwen3: per-head q/k RMSNorm, head_dim 128 whatever the width; the MoE models route to 8 of 128 experts
+_qwen3 = dict(model_type="qwen3", block_size=40960, vocab_size=151936, head_size=128, norm_eps=1e-6,
+              rope_base=1000000.0, qk_norm="head")
+for _size, _l, _h, _g, _e, _i, _tied in [
+        ("0.6B", 28, 16, 8, 1024, 3072, True), ("1.7B", 28, 16, 8, 2048, 6144, True), ("4B", 36, 32, 8, 2560, 9728, True),
+        ("8B", 36, 32, 8, 4096, 12288, False), ("14B", 40, 40, 8, 5120, 17408, False),
+        ("32B", 64, 64, 8, 5120, 25600, False)]:
+    for _suffix in ("", "-Base") if _size != "32B" else ("",):
+        configs.append(dict(_qwen3, name=f"Qwen3-{_size}{_suffix}", hf_repo_id=f"Qwen/Qwen3-{_size}{_suffix}",
+                            n_layer=_l, n_head=_h, n_query_groups=_g, n_embd=_e, intermediate_size=_i,
+                            tie_embeddings=_tied))
+for _name, _l, _h, _e, _i, _mi in [("Qwen3-30B-A3B", 48, 32, 2048, 6144, 768),
+                                   ("Qwen3-235B-A22B", 94, 64, 4096, 12288, 1536)]:
+    for _suffix in ("", "-Base"):
+        configs.append(dict(_qwen3, model_type="qwen3_moe", name=f"{_name}{_suffix}",
+                            hf_repo_id=f"Qwen/{_name}{_suffix}",
+                            n_layer=_l, n_head=_h, n_query_groups=4, n_embd=_e, intermediate_size=_i, n_expert=128,
+                            n_expert_per_token=8, moe_intermediate_size=_mi, norm_topk_prob=True))
+for _suffix in ("", "-Instruct"):
+    configs.append(dict(_mistral, model_type="mixtral", name=f"Mixtral-8x7B{_suffix}-v0.1",
+                        hf_repo_id=f"mistralai/Mixtral-8x7B{_suffix}-v0.1", rope_base=1000000.0, n_expert=8,
+                        n_expert_per_token=2))
+# Gemma 2: soft-capping, sliding window on even layers; Gemma 3 (text): q/k norms, 5 local layers per global one
+_gemma2 = dict(model_type="gemma2", block_size=8192, vocab_size=256000, head_size=256, norm_eps=1e-6,
+               tie_embeddings=True, sliding_window=4096, attn_softcap=50.0, final_softcap=30.0,
+               query_pre_attn_scalar=256)
+for _size, _l, _h, _g, _e, _i, _kw in [
+        ("2b", 26, 8, 4, 2304, 9216, {}), ("9b", 42, 16, 8, 3584, 14336, {}),
+        ("27b", 46, 32, 16, 4608, 36864, dict(head_size=128, query_pre_attn_scalar=144))]:
+    for _suffix in ("", "-it"):
+        configs.append(dict(_gemma2, name=f"gemma-2-{_size}{_suffix}", hf_repo_id=f"google/gemma-2-{_size}{_suffix}",
+                            n_layer=_l, n_head=_h, n_query_groups=_g, n_embd=_e, intermediate_size=_i,
+                            layer_types=["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(_l)],
+                            **_kw))
+_gemma3 = dict(model_type="gemma3_text", block_size=131072, vocab_size=262208, head_size=256, norm_eps=1e-6,
+               tie_embeddings=True, sliding_window=1024, query_pre_attn_scalar=256, qk_norm="head", rope_base=1000000.0,
+               rope_local_base=10000.0, rope_scaling={"rope_type": "linear", "factor": 8.0})
+for _size, _l, _h, _g, _e, _i, _kw in [
+        ("1b", 26, 4, 1, 1152, 6912, dict(block_size=32768, vocab_size=262144, sliding_window=512, rope_scaling=None)),
+        ("4b", 34, 8, 4, 2560, 10240, {}), ("12b", 48, 16, 8, 3840, 15360, {}),
+        ("27b", 62, 32, 16, 5376, 21504, dict(head_size=128, query_pre_attn_scalar=168))]:
+    for _suffix in ("-pt", "-it"):
+        configs.append(dict(_gemma3, name=f"gemma-3-{_size}{_suffix}", hf_repo_id=f"google/gemma-3-{_size}{_suffix}",
+                            n_layer=_l, n_head=_h, n_query_groups=_g, n_embd=_e, intermediate_size=_i,
+                            layer_types=["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(_l)],
+                            **_kw))
+# Phi: fused qkv and gate_up in the HF files. Phi-4-mini's LongRoPE factors come from its config.json when
+# converted; the registry entry (for pretraining from scratch) keeps the original 4k context.
+configs.append(dict(model_type="phi3", name="Phi-3-mini-4k-instruct", hf_repo_id="microsoft/Phi-3-mini-4k-instruct",
+                    block_size=4096, vocab_size=32064, n_layer=32, n_head=32, n_embd=3072, intermediate_size=8192,
+                    sliding_window=2047))
+configs.append(dict(model_type="phi3", name="Phi-4-mini-instruct", hf_repo_id="microsoft/Phi-4-mini-instruct",
+                    block_size=4096, vocab_size=200064, n_layer=32, n_head=24, n_query_groups=8, n_embd=3072,
+                    intermediate_size=8192, rotary_percentage=0.75, tie_embeddings=True))
+# OLMo 2: norms after attention and MLP, RMSNorm over the whole q and k projections
+_olmo2 = dict(model_type="olmo2", block_size=4096, vocab_size=100352, norm_eps=1e-6, rope_base=500000.0,
+              qk_norm="full", post_norm=True)
+for _name, _l, _h, _e, _i in [("OLMo-2-0425-1B", 16, 16, 2048, 8192), ("OLMo-2-1124-7B", 32, 32, 4096, 11008),
+                              ("OLMo-2-1124-13B", 40, 40, 5120, 13824)]:
+    for _suffix in ("", "-Instruct"):
+        configs.append(dict(_olmo2, name=f"{_name}{_suffix}", hf_repo_id=f"allenai/{_name}{_suffix}", n_layer=_l,
+                            n_head=_h, n_embd=_e, intermediate_size=_i))
+# SmolLM3: every 4th layer without rotary embedding (NoPE)
+for _suffix in ("", "-Base"):
+    configs.append(dict(model_type="smollm3", name=f"SmolLM3-3B{_suffix}",
+                        hf_repo_id=f"HuggingFaceTB/SmolLM3-3B{_suffix}",
+                        block_size=65536, vocab_size=128256, n_layer=36, n_head=16, n_query_groups=4, n_embd=2048,
+                        intermediate_size=11008, norm_eps=1e-6, rope_base=5000000.0, tie_embeddings=True,
+                        nope_layers=list(range(3, 36, 4))))
 
 name_to_config: dict[str, dict] = {c["name"]: c for c in configs}
 name_to_config.update({c["hf_repo_id"]: c for c in configs})

@@ -28,6 +28,23 @@ def _cat(*ts: torch.Tensor) -> torch.Tensor:
     return torch.cat(ts, dim=0)
 
 
+class StackParts:
+    """Concatenate the parts along dim 0 and view the result as ``groups`` stacked matrices: per-expert
+    HF tensors -> litmodel's (n_expert, rows, cols). The output bytes are the parts' bytes in order, so
+    the streaming writer copies them as they are (``concat_bytes``)."""
+
+    concat_bytes = True
+
+    def __init__(self, groups: int) -> None:
+        self.groups = groups
+
+    def __call__(self, *ts: torch.Tensor) -> torch.Tensor:
+        return torch.cat(ts, dim=0).view(self.groups, -1, *ts[0].shape[1:])
+
+    def out_shape(self, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+        return (self.groups, sum(s[0] for s in shapes) // self.groups, *shapes[0][1:])
+
+
 def _neox_to_lit(config: Config) -> Callable[[torch.Tensor], torch.Tensor]:
     """GPT-NeoX interleaves q, k, v per head: rows (head, qkv, hs) -> litmodel's (qkv, head, hs)."""
     h, hs = config.n_head, config.head_size
@@ -75,7 +92,32 @@ def _layer_map(config: Config) -> tuple[dict[str, str], dict[str, tuple[str, ...
     if config.bias:
         single.update({"self_attn.o_proj.bias": "attn.proj.bias", "mlp.down_proj.bias": "mlp.proj.bias"})
         fused["mlp.fc.bias"] = ("mlp.gate_proj.bias", "mlp.up_proj.bias")
+    if config.qk_norm:
+        single.update({"self_attn.q_norm.weight": "attn.q_norm.weight",
+                       "self_attn.k_norm.weight": "attn.k_norm.weight"})
+    if config.model_type == "phi3":  # stored fused, in litmodel's own row order
+        single.update({"self_attn.qkv_proj.weight": "attn.qkv.weight", "mlp.gate_up_proj.weight": "mlp.fc.weight"})
+        del fused["attn.qkv.weight"], fused["mlp.fc.weight"]
+    if config.post_norm:  # OLMo 2: the only two norms come after attention and MLP
+        del single["input_layernorm.weight"]
+        single.update({"post_attention_layernorm.weight": "norm_1.weight",
+                       "post_feedforward_layernorm.weight": "norm_2.weight"})
+    if config.family == "gemma":
+        single.update({"post_attention_layernorm.weight": "post_attn_norm.weight",
+                       "pre_feedforward_layernorm.weight": "norm_2.weight",
+                       "post_feedforward_layernorm.weight": "post_mlp_norm.weight"})
+    if config.n_expert:  # experts are stacked by StackParts in the plans below
+        del single["mlp.down_proj.weight"], fused["mlp.fc.weight"]
+        single["block_sparse_moe.gate.weight" if config.model_type == "mixtral" else "mlp.gate.weight"] = \
+            "mlp.router.weight"
     return single, fused, "model.layers.{}."
+
+
+def _expert_names(config: Config) -> tuple[str, str, str]:
+    """HF name patterns of expert {e}'s gate, up and down projections."""
+    if config.model_type == "mixtral":
+        return tuple(f"block_sparse_moe.experts.{{}}.{w}.weight" for w in ("w1", "w3", "w2"))
+    return tuple(f"mlp.experts.{{}}.{w}_proj.weight" for w in ("gate", "up", "down"))
 
 
 def _top_map(config: Config) -> dict[str, str]:
@@ -116,6 +158,14 @@ def lit_to_hf_plan(config: Config) -> Plan:
             for j, hf in enumerate(parts):
                 start = sum(sizes[:j])
                 plan[hf_p + hf] = ([lit_p + lit], lambda t, s=start, n=sizes[j]: t[s : s + n].contiguous())
+        if config.n_expert:  # gate and up of every expert first, so consecutive steps share one read of fc
+            gate, up, down = _expert_names(config)
+            n = config.moe_intermediate_size
+            for e in range(config.n_expert):
+                plan[hf_p + gate.format(e)] = ([lit_p + "mlp.fc.weight"], lambda t, e=e: t[e, :n].contiguous())
+                plan[hf_p + up.format(e)] = ([lit_p + "mlp.fc.weight"], lambda t, e=e: t[e, n:].contiguous())
+            for e in range(config.n_expert):
+                plan[hf_p + down.format(e)] = ([lit_p + "mlp.proj.weight"], lambda t, e=e: t[e].contiguous())
     return plan
 
 
@@ -134,6 +184,11 @@ def hf_to_lit_plan(config: Config) -> Plan:
             plan[lit_p + lit] = ([hf_p + hf], fn)
         for lit, parts in fused.items():
             plan[lit_p + lit] = ([hf_p + p for p in parts], _cat)
+        if config.n_expert:
+            gate, up, down = _expert_names(config)
+            E = config.n_expert
+            plan[lit_p + "mlp.fc.weight"] = ([hf_p + w.format(e) for e in range(E) for w in (gate, up)], StackParts(E))
+            plan[lit_p + "mlp.proj.weight"] = ([hf_p + down.format(e) for e in range(E)], StackParts(E))
     return plan
 
 
@@ -144,8 +199,15 @@ def hf_aliases(name: str) -> list[str]:
         return [name, name[len("transformer."):]]
     if name == "embed_out.weight":
         return [name, "lm_head.weight"]
+    if name.startswith("model."):  # multimodal Gemma 3: the language model, as 4.x and 5.x save it
+        return [name, "language_model." + name, "model.language_model." + name[len("model."):]]
+    if name == "lm_head.weight":
+        return [name, "language_model.lm_head.weight"]
     return [name]
 
+
+# The vision tower of multimodal Gemma 3 checkpoints, which a text-only conversion leaves out.
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
 # Buffers some HF checkpoints carry that are not weights (recomputed by the model).
 IGNORED_HF_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq", ".attention.bias",

@@ -44,8 +44,8 @@ from litmodel.lora import (LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, LoRAConfig, appl
                            mark_only_lora_as_trainable, merge_lora)
 from litmodel.plot import write_loss_plot
 from litmodel.sharded_checkpoint import fill_from_checkpoint
-from litmodel.training import (EvalArgs, TrainArgs, accumulation_steps, build_optimizer, fit, resolve_precision,
-                               resolve_resume, save_final_checkpoint)
+from litmodel.training import (EvalArgs, TrainArgs, accumulation_steps, build_optimizer, fit, language_model_loss,
+                               resolve_precision, resolve_resume, save_final_checkpoint)
 from litmodel.utils import LitModelError, atomic_dir
 
 QUANTIZE_MODES = {"nf4": "nf4", "bnb.nf4": "nf4"}  # --quantize value -> mode (litgpt's name as an alias)
@@ -90,6 +90,10 @@ class FinetuneEvalArgs(EvalArgs):
         sample_prompt: Prompt of the sample answer printed at each validation (formatted like the training data);
             default: the first validation record's prompt, shown with its expected answer.
         max_new_tokens: Length limit of the sample answer; 0 disables sampling.
+        tasks: lm-evaluation-harness tasks run at each validation, e.g. arc_easy,piqa (needs the [eval] extra);
+            their metrics are logged next to the validation loss.
+        limit: Examples per task in those runs (a fraction if below 1; null: all of them).
+        include_path: A directory of your own task YAML files for --eval.tasks.
     """
 
     interval: int = 50
@@ -235,6 +239,10 @@ def _run(method: str, checkpoint_dir: Path, data: Optional[JSONData], out_dir: P
     if data is None:
         raise LitModelError("no finetuning data; pass --data JSON --data.json_path FILE (.json or .jsonl)")
     load_records(data.json_path)  # missing file / keys, empty dataset: one line naming the record and key
+    if eval.tasks:
+        from litmodel.evaluation import check_tasks  # deferred: lm-eval is an optional extra, slow to import
+
+        check_tasks(eval.tasks, eval.limit, eval.include_path)
     if train.max_tokens is not None:
         raise LitModelError("--train.max_tokens is a pretraining budget; finetuning runs --train.epochs "
                             "(and stops early at --train.max_steps)")
@@ -292,6 +300,12 @@ def main(fabric: Fabric, spec: RunSpec) -> None:
     tokenizer = Tokenizer(spec.checkpoint_dir)
     config = load_config(spec.checkpoint_dir)
     max_seq_length = train.max_seq_length or config.block_size
+    harness = None
+    if spec.eval.tasks:  # lm-eval tasks at each validation; names are checked now, before any training
+        from litmodel.evaluation import harness_evaluator  # deferred: lm-eval is an optional extra, slow to import
+
+        harness = harness_evaluator(spec.eval.tasks, tokenizer, spec.eval.limit, spec.eval.include_path,
+                                    max_length=max_seq_length, batch_size=train.micro_batch_size)
     data = spec.data
     data.setup(tokenizer, max_seq_length)
     fabric.print(data.describe())
@@ -345,6 +359,8 @@ def main(fabric: Fabric, spec: RunSpec) -> None:
         for logger in fabric.loggers:
             logger.log_hyperparams(spec.hparams)
     evaluators = []
+    if harness is not None:
+        evaluators.append(harness)
     if spec.eval.max_new_tokens > 0:  # a greedy answer to a fixed prompt at each validation
         sample = sample_prompt(data, spec.eval.sample_prompt)
         evaluators.append(lambda fabric, model, step: print_sample(fabric, model, tokenizer, sample,
@@ -357,6 +373,7 @@ def main(fabric: Fabric, spec: RunSpec) -> None:
     seq_len = data.max_seq_length if data.packed else _mean_length(data)
     fit(fabric, model, optimizer, train_loader, train=train, eval=spec.eval, out_dir=out_dir, max_steps=max_steps,
         schedule_steps=schedule_steps, val_loader=val_loader, evaluators=evaluators, state=state,
+        loss_fn=language_model_loss(train.router_aux_loss_coef),
         resume_from=resume_from, save_fn=save_fn, load_fn=load_fn,
         flops_per_token=train_flops_per_token(model, config, seq_len))
 

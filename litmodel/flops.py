@@ -77,6 +77,8 @@ def _linear(module: nn.Module, input_grad: bool, fwd_only: bool = False) -> tupl
     if hasattr(m, "lora_A") and hasattr(m, "lora_B"):  # h = dropout(x); a = h A^T; out += a_i B_i^T per segment
         a_out, b_out = m.lora_A.shape[0], m.lora_B.shape[0]  # (k*r) rows of A, enabled rows of B
         r = m.lora_B.shape[1]
+        if m.lora_A.dim() == 3:  # one adapter per expert (E, r, in), (E, out, r): a token uses one of them
+            a_out, b_out, r = m.lora_A.shape[1], m.lora_B.shape[1], m.lora_B.shape[2]
         a_grad = input_grad or m.lora_A.requires_grad
         flops += 2 * i * a_out + 2 * r * b_out
         if not fwd_only:
@@ -109,10 +111,13 @@ def _count(model: nn.Module, config: Config, seq_len: int, fwd_only: bool) -> fl
         total += f
         res_mid = res or attn_out
         h2 = (res if getattr(block, "parallel_residual", False) else res_mid) or _requires_grad(block.norm_2)
+        top_k = getattr(block.mlp, "top_k", 1)  # a mixture of experts: each token runs top_k experts
+        if hasattr(block.mlp, "router"):
+            total += _linear(block.mlp.router, h2, fwd_only)[0]
         f, fc = _linear(block.mlp.fc, h2, fwd_only)
-        total += f
+        total += top_k * f
         f, mlp_out = _linear(block.mlp.proj, fc, fwd_only)
-        total += f
+        total += top_k * f
         res = res_mid or mlp_out
     f, _ = _linear(model.lm_head, res or _requires_grad(model.norm_f), fwd_only)
     return total + f

@@ -5,6 +5,7 @@
 * `generate(model, prompt_ids, ...)`: one sequence, yields token ids as they are produced.
 * `generate_batch(model, prompts, ...)`: prompts of different lengths, left-padded, with the
   attention mask and position ids that make every row behave exactly as if it were alone.
+* `generate_many(model, prompts, params, ...)`: continuous batching (`litmodel.batching`).
 * `make_decode_step(model, compile=...)`: the single-token decode step, optionally `torch.compile`d
   with static shapes (the KV cache is static: prompt + new tokens, allocated once).
 * `setup_generation(...)`: what both CLIs share: device, precision, checkpoint and tokenizer loading,
@@ -323,6 +324,14 @@ def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_t
                     continue
             out[i].append(t)
     return out
+
+
+def generate_many(model: nn.Module, prompts: Sequence[Sequence[int]], params, **kwargs) -> list:
+    """Continuous batching (each prompt with its own sampling settings, prompts joining as others finish):
+    `litmodel.batching.generate_many`, the engine behind `generate/serve.py` and `--prompts_file`."""
+    from litmodel.batching import generate_many as _generate_many  # litmodel.batching imports this module
+
+    return _generate_many(model, prompts, params, **kwargs)
 
 
 # ---- input checks ---------------------------------------------------------------------------------------

@@ -12,10 +12,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from litmodel.config import Config
-from litmodel.layers import CausalSelfAttention, build_mask, init_gpt2_style, rope_cos_sin, rope_inv_freq
+from litmodel.layers import (CausalSelfAttention, KVCacheMixin, build_mask, init_gpt2_style, rope_cos_sin,
+                             rope_inv_freq)
 
 
-class GPT(nn.Module):
+class GPT(KVCacheMixin, nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config
@@ -47,19 +48,6 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x, cos, sin, mask, input_pos)
         return self.lm_head(self.norm_f(x))
-
-    def set_kv_cache(self, batch_size: int, max_seq_length: int | None = None, device=None, dtype=None) -> None:
-        """Allocate a static KV cache in every block (default length: the model's block_size)."""
-        self.cache_len = max_seq_length or self.config.block_size
-        device = device or self.lm_head.weight.device
-        dtype = dtype or self.lm_head.weight.dtype
-        for block in self.blocks:
-            block.attn.set_kv_cache(batch_size, self.cache_len, device, dtype)
-
-    def clear_kv_cache(self) -> None:
-        self.cache_len = None
-        for block in self.blocks:
-            block.attn.kv_cache = None
 
     def init_weights(self) -> None:
         init_gpt2_style(self, self.config.n_layer)

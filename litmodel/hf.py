@@ -31,8 +31,8 @@ from typing import Callable, Iterable, Iterator, Union
 import torch
 
 from litmodel.checkpoint import CONFIG_FILE, MODEL_FILE, SAFETENSORS_DTYPES, load_config, read_safetensors_header
-from litmodel.config import HF_MODEL_TYPES, Config, name_to_config
-from litmodel.convert import IGNORED_HF_SUFFIXES, hf_aliases, hf_to_lit_plan, lit_to_hf_plan
+from litmodel.config import HF_MODEL_TYPES, Config, hf_text_config, name_to_config
+from litmodel.convert import IGNORED_HF_SUFFIXES, VISION_PREFIXES, hf_aliases, hf_to_lit_plan, lit_to_hf_plan
 from litmodel.convert import _cat, _same  # the plans' layout-preserving functions
 from litmodel.utils import LitModelError, fsync_tree, parse_dtype, skip_weight_init
 
@@ -255,6 +255,7 @@ def read_hf_config(hf_dir: Path) -> dict:
         raise LitModelError(f"{hf_dir / HF_CONFIG} is not valid JSON ({err}); re-download it") from None
     if not isinstance(hf, dict):
         raise LitModelError(f"{hf_dir / HF_CONFIG} is not a JSON object; re-download it")
+    hf = hf_text_config(hf)  # a multimodal Gemma 3: its language model
     if hf.get("model_type") not in HF_MODEL_TYPES:
         raise LitModelError(f"unsupported model_type {hf.get('model_type')!r} in {hf_dir / HF_CONFIG}; "
                             f"supported: {', '.join(HF_MODEL_TYPES)}")
@@ -308,10 +309,15 @@ def safetensors_header(steps: list[Step], metadata: dict | None = None) -> bytes
 Chunk = Union[torch.Tensor, tuple[int, int, int]]
 
 
+def _concatenates(fn: Callable) -> bool:
+    """Whether ``fn``'s output bytes are its inputs' bytes in order (rename, cat along dim 0, stack)."""
+    return fn in _BYTE_PRESERVING or getattr(fn, "concat_bytes", False)
+
+
 def _byte_ranges(step: Step, source: TensorSource) -> list[tuple[int, int, int]] | None:
     """The source byte ranges whose concatenation is the output, when the step keeps the bytes as
     they are (a renamed tensor, or fused tensors concatenated along dim 0, in the same dtype)."""
-    if source.kind != "safetensors" or step.fn not in _BYTE_PRESERVING:
+    if source.kind != "safetensors" or not _concatenates(step.fn):
         return None
     infos = [source.infos[n] for n in step.sources]
     if any(i.dtype != step.dtype for i in infos):
@@ -354,13 +360,12 @@ def run_steps(steps: list[Step], source: TensorSource) -> Iterator[list[Chunk]]:
                                     if source.kind == "safetensors" else None)
                      for j, n in enumerate(step.sources)}
         tensors = [cache[n] for n in step.sources]
-        if step.fn is _cat and all(t.dim() >= 1 for t in tensors):
+        if step.fn is not _same and _concatenates(step.fn) and all(t.dim() >= 1 for t in tensors):
             chunks = [cast(j, t) for j, t in enumerate(tensors)]  # cat along dim 0 = the parts' bytes in order
         else:
             chunks = [cast(0, step.fn(*tensors))]
-        shape = (sum(c.shape[0] for c in chunks), *chunks[0].shape[1:]) if chunks[0].dim() else ()
-        if tuple(shape) != step.shape:  # cannot happen: shapes were derived from the same functions
-            raise RuntimeError(f"{step.name}: built shape {tuple(shape)}, planned {step.shape}")
+        if sum(c.numel() for c in chunks) != math.prod(step.shape):  # cannot happen: shapes come from the plan
+            raise RuntimeError(f"{step.name}: built {sum(c.numel() for c in chunks)} elements, planned {step.shape}")
         yield chunks
         del chunks, tensors
 
@@ -441,6 +446,8 @@ def _apply_meta(fn: Callable[..., torch.Tensor], metas: list[torch.Tensor]) -> t
         return tuple(metas[0].shape), metas[0].dtype
     if fn is _cat and len({(tuple(m.shape[1:]), m.dtype) for m in metas}) == 1:
         return (sum(m.shape[0] for m in metas), *metas[0].shape[1:]), metas[0].dtype
+    if hasattr(fn, "out_shape") and len({(tuple(m.shape[1:]), m.dtype) for m in metas}) == 1:
+        return fn.out_shape([tuple(m.shape) for m in metas]), metas[0].dtype
     out = fn(*metas)
     return tuple(out.shape), out.dtype
 
@@ -477,13 +484,15 @@ def hf_to_lit_steps(config: Config, source: TensorSource, dtype: torch.dtype | N
             raise LitModelError(f"{source.description}: tensor {name!r} has shape {have} but config.json needs "
                                 f"{want}; the weights do not match config.json")
         stored[hf_name] = name
-    head_names = {"lm_head.weight", "embed_out.weight"}
+    head_names = {"lm_head.weight", "embed_out.weight", "language_model.lm_head.weight"}
     used = set(stored.values())
     for name in source.names():
         if name in used or name.endswith(IGNORED_HF_SUFFIXES):
             continue
         if config.tie_embeddings and name in head_names:
             continue  # a tied head stored anyway: the embedding is used
+        if config.model_type == "gemma3_text" and name.startswith(VISION_PREFIXES):
+            continue  # a multimodal Gemma 3: litmodel takes the language model only
         raise LitModelError(f"{source.description}: unexpected tensor {name!r} (shape {source.infos[name].shape}); "
                             "the weights do not match config.json")
     return _plan_steps(hf_to_lit_plan(config), stored, source, lit_shapes, dtype)

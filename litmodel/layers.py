@@ -1,6 +1,6 @@
-"""The few pieces both model files share: rotary embeddings, the KV cache and causal attention.
+"""The few pieces the model files share: rotary embeddings, the KV cache, RMSNorm and causal attention.
 
-Kept here once so that `gpt.py` and `llama.py` each read as one model, top to bottom.
+Kept here once so that `gpt.py`, `llama.py` and `gemma.py` each read as one model, top to bottom.
 """
 
 from __future__ import annotations
@@ -13,11 +13,22 @@ import torch.nn.functional as F
 
 
 # ---- rotary position embedding (the "rotate half" layout Hugging Face checkpoints use) ----------
-def rope_inv_freq(n_elem: int, base: float, scaling: dict | None = None, device=None) -> torch.Tensor:
-    """Inverse frequencies of the rotated dims; ``scaling`` applies Llama 3.1's frequency rescaling."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, n_elem, 2, dtype=torch.int64, device=device).float() / n_elem))
+def rope_inv_freq(n_elem: int, base: float, scaling: dict | None = None, device=None,
+                  seq_len: int | None = None) -> torch.Tensor:
+    """Inverse frequencies of the rotated dims. ``scaling`` by its ``rope_type``: "llama3" (the default:
+    Llama 3.1's frequency rescaling), "linear" (positions divided by ``factor``) or "longrope" (Phi-3:
+    per-dim factors, the long ones once ``seq_len`` exceeds the original context, as transformers does)."""
+    exponents = torch.arange(0, n_elem, 2, dtype=torch.int64, device=device).float() / n_elem
+    rope_type = (scaling or {}).get("rope_type", "llama3")
+    if scaling is not None and rope_type == "longrope":
+        long = seq_len is not None and seq_len > scaling["original_max_seq_len"]
+        ext = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32, device=device)
+        return 1.0 / (ext * base**exponents)
+    inv_freq = 1.0 / (base**exponents)
     if scaling is None:
         return inv_freq
+    if rope_type == "linear":
+        return inv_freq / scaling["factor"]
     factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
     old_len = scaling["original_max_seq_len"]
     low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
@@ -66,6 +77,25 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+class KVCacheMixin:
+    """``set_kv_cache`` / ``clear_kv_cache`` of a model with ``config``, ``lm_head`` and ``blocks`` whose
+    ``attn`` is a `CausalSelfAttention`. Sliding-window layers keep every position too: their mask
+    hides the keys that left the window."""
+
+    def set_kv_cache(self, batch_size: int, max_seq_length: int | None = None, device=None, dtype=None) -> None:
+        """Allocate a static KV cache in every block (default length: the model's block_size)."""
+        self.cache_len = max_seq_length or self.config.block_size
+        device = device or self.lm_head.weight.device
+        dtype = dtype or self.lm_head.weight.dtype
+        for block in self.blocks:
+            block.attn.set_kv_cache(batch_size, self.cache_len, device, dtype)
+
+    def clear_kv_cache(self) -> None:
+        self.cache_len = None
+        for block in self.blocks:
+            block.attn.kv_cache = None
+
+
 def build_mask(T: int, input_pos: torch.Tensor | None, cache_len: int | None, sliding_window: int | None,
                mask: torch.Tensor | None, device) -> torch.Tensor | None:
     """The boolean attention mask (True = attend), or None when plain causal attention suffices.
@@ -99,29 +129,78 @@ def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     return y.view(B, H, 1, hs).to(q.dtype)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """(B, H, T, hs) queries against (B, G, S, hs) keys/values, G dividing H (grouped-query attention)."""
+def _softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                          scale: float, softcap: float) -> torch.Tensor:
+    """Gemma 2's attention: scores squashed to (-softcap, softcap) by tanh before the softmax (SDPA has
+    no hook for that), computed as transformers' eager path does: softmax in float32."""
+    H, G = q.size(1), k.size(1)
+    k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        T = q.size(2)
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
+    """(B, H, T, hs) queries against (B, G, S, hs) keys/values, G dividing H (grouped-query attention).
+
+    ``scale`` defaults to 1/sqrt(hs); ``softcap`` (Gemma 2) caps the scores with tanh."""
+    if softcap is not None:
+        return _softcapped_attention(q, k, v, mask, scale or 1.0 / math.sqrt(q.size(-1)), softcap)
     if (q.size(2) == 1 and mask is not None and q.device.type == "cpu" and mask.dtype == torch.bool
-            and torch.compiler.is_compiling()):
+            and torch.compiler.is_compiling() and scale is None):
         return _single_query_attention(q, k, v, mask.expand(q.size(0), 1, 1, k.size(2)))
     gqa = q.size(1) != k.size(1)
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=scale)
+
+
+class RMSNorm(nn.Module):
+    """Normalise by the root mean square in float32, then scale: by ``weight`` cast back to the input
+    dtype first (Llama), or by ``1 + weight`` in float32 (``unit_offset``: Gemma, whose weights start at 0)."""
+
+    def __init__(self, size: int, eps: float, unit_offset: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(size) if unit_offset else torch.ones(size))
+        self.eps, self.unit_offset = eps, unit_offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_f = x.float()
+        x_f = x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (x_f * (1.0 + self.weight.float())).to(x.dtype)
+        return self.weight * x_f.to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight) if self.unit_offset else nn.init.ones_(self.weight)
 
 
 class CausalSelfAttention(nn.Module):
     """Multi-head attention with fused q, k, v rows [all q heads; all k heads; all v heads].
 
-    Both families use it; they differ only in biases and in how many head dims are rotated.
+    Every family uses it; they differ in biases, how many head dims are rotated, and the options:
+    ``qk_norm`` "head" (RMSNorm of each q and k head: Qwen3, Gemma 3) or "full" (RMSNorm over the
+    whole q and k projections: OLMo 2), ``scale`` of the scores and their ``softcap`` (Gemma).
     """
 
     def __init__(self, n_embd: int, n_head: int, n_kv_heads: int, head_size: int, qkv_bias: bool,
-                 proj_bias: bool) -> None:
+                 proj_bias: bool, qk_norm: str | None = None, norm_eps: float = 1e-6, norm_offset: bool = False,
+                 scale: float | None = None, softcap: float | None = None) -> None:
         super().__init__()
         self.n_head, self.n_kv_heads, self.head_size = n_head, n_kv_heads, head_size
         self.qkv = nn.Linear(n_embd, (n_head + 2 * n_kv_heads) * head_size, bias=qkv_bias)
         self.proj = nn.Linear(n_head * head_size, n_embd, bias=proj_bias)
+        self.qk_norm, self.scale, self.softcap = qk_norm, scale, softcap
+        if qk_norm is not None:
+            per_head = qk_norm == "head"
+            q_size, k_size = (head_size, head_size) if per_head else (n_head * head_size, n_kv_heads * head_size)
+            self.q_norm = RMSNorm(q_size, norm_eps, norm_offset)
+            self.k_norm = RMSNorm(k_size, norm_eps, norm_offset)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
@@ -129,16 +208,20 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         q_size, kv_size = self.n_head * self.head_size, self.n_kv_heads * self.head_size
         q, k, v = self.qkv(x).split((q_size, kv_size, kv_size), dim=-1)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_size).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_size).transpose(1, 2)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
         if cos is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if input_pos is not None:
             if self.kv_cache is None:
                 raise RuntimeError("input_pos given but no KV cache: call model.set_kv_cache(...) first")
             k, v = self.kv_cache.update(input_pos, k, v)
-        y = causal_attention(q, k, v, mask)
+        y = causal_attention(q, k, v, mask, self.scale, self.softcap)
         return self.proj(y.transpose(1, 2).reshape(B, T, q_size))
 
     def set_kv_cache(self, batch_size: int, max_seq_length: int, device=None, dtype=None) -> None:
@@ -156,3 +239,34 @@ def init_gpt2_style(model: nn.Module, n_layer: int, std: float = 0.02) -> None:
                 nn.init.zeros_(module.bias)
         elif hasattr(module, "reset_parameters") and not list(module.children()):
             module.reset_parameters()  # LayerNorm / RMSNorm: ones (and zero bias)
+
+
+# ---- grouped matmul (mixture of experts) --------------------------------------------------------
+def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm` runs here: fp32 on CPU, bf16 on Hopper GPUs, 16-byte aligned rows."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
+        return False
+    if x.device.type == "cpu":
+        ok_dtype = x.dtype == torch.float32
+    elif x.device.type == "cuda":
+        ok_dtype = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    else:
+        return False
+    return ok_dtype and all(n * x.element_size() % 16 == 0 for n in (x.size(-1), w.size(1)))
+
+
+def _contiguous_grad(g: torch.Tensor) -> torch.Tensor:
+    return g.contiguous()  # _grouped_mm's backward rejects broadcast (stride-0) gradients
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` (N, in) grouped by expert, ``counts[e]`` consecutive rows each, times the expert's
+    ``w[e]`` (out, in) transposed: (N, out). One `torch._grouped_mm` call where it runs, else one
+    matmul per expert (never a loop over tokens)."""
+    if _grouped_mm_ok(x, w):
+        out = torch._grouped_mm(x.contiguous(), w.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
+        if out.requires_grad:
+            out.register_hook(_contiguous_grad)
+        return out
+    parts = x.split(counts.tolist())
+    return torch.cat([F.linear(part, w[e]) for e, part in enumerate(parts)])

@@ -49,7 +49,8 @@ TARGETS = ("query", "key", "value", "projection", "mlp", "head")
 _QKV = ("query", "key", "value")
 
 __all__ = [
-    "LORA_CONFIG_FILE", "LORA_WEIGHTS_FILE", "TARGETS", "LoRAConfig", "LoRALinear", "apply_lora", "load_lora",
+    "LORA_CONFIG_FILE", "LORA_WEIGHTS_FILE", "TARGETS", "LoRAConfig", "LoRAGroupedLinear", "LoRALinear", "apply_lora",
+    "load_lora",
     "lora_modules", "lora_state_dict", "mark_only_lora_as_trainable", "merge_lora", "save_lora",
 ]
 
@@ -207,6 +208,47 @@ class LoRALinear(nn.Module):
                 f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}{segs}")
 
 
+class LoRAGroupedLinear(nn.Module):
+    """LoRA on a mixture's stacked expert matrices (`litmodel.llama.GroupedLinear`, weight (E, out, in)):
+    expert e gets its own update ``scaling * B_e @ A_e``, with ``lora_A`` (E, r, in) and ``lora_B``
+    (E, out, r), applied to the expert-sorted rows as two more grouped matmuls (no dense delta)."""
+
+    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0) -> None:
+        super().__init__()
+        _check_hparams(r, alpha, dropout)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r, self.alpha, self.dropout = r, alpha, dropout
+        self.scaling = alpha / r
+        self.weight = base.weight
+        self.bias = None
+        n_expert = base.weight.size(0)
+        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(n_expert, r, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(n_expert, self.out_features, r, **factory))
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        for a in self.lora_A:  # per expert, as PEFT initialises each adapter
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        from litmodel.layers import grouped_mm
+
+        out = grouped_mm(x, self.weight, counts)
+        h = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
+        a = grouped_mm(h, self.lora_A.to(x.dtype), counts) * self.scaling
+        return out + grouped_mm(a, self.lora_B.to(x.dtype), counts)
+
+    @torch.no_grad()
+    def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.bmm(self.lora_B.to(dtype), self.lora_A.to(dtype)) * self.scaling
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.weight.size(0)}, in_features={self.in_features}, out_features={self.out_features}, "
+                f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}")
+
+
 # ---- applying LoRA to a model --------------------------------------------------------------------
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
@@ -216,7 +258,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def _plan(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[str, list[tuple[int, bool]] | None]]:
     """(module name, segments) of every linear layer the targets select, for GPT and Llama models."""
     from litmodel.layers import CausalSelfAttention
-    from litmodel.llama import SwiGLU
+    from litmodel.llama import MoE, SwiGLU
 
     plan: list[tuple[str, list[tuple[int, bool]] | None]] = []
     for name, module in model.named_modules():
@@ -229,6 +271,8 @@ def _plan(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[str, list[tu
                 plan.append((prefix + "qkv", [(q, wanted[0]), (kv, wanted[1]), (kv, wanted[2])]))
             if "projection" in targets:
                 plan.append((prefix + "proj", None))
+        elif leaf == "mlp" and "mlp" in targets and isinstance(module, MoE):  # every expert's matrices
+            plan += [(prefix + "fc", None), (prefix + "proj", None)]
         elif leaf == "mlp" and "mlp" in targets and hasattr(module, "fc") and hasattr(module, "proj"):
             if isinstance(module, SwiGLU) and isinstance(module.fc, nn.Linear):
                 half = module.fc.out_features // 2
@@ -251,6 +295,8 @@ def apply_lora(model: nn.Module, targets: str | Iterable[str] = ("query", "value
     (``attn.proj``), "mlp" (``mlp.fc`` and ``mlp.proj``), "head" (``lm_head``), as a sequence or a
     comma-separated string. The model's output is unchanged until ``lora_B`` is trained.
     """
+    from litmodel.llama import GroupedLinear
+
     targets = _parse_targets(targets)
     _check_hparams(r, alpha, dropout)
     plan = _plan(model, targets)
@@ -259,8 +305,11 @@ def apply_lora(model: nn.Module, targets: str | Iterable[str] = ("query", "value
                             f"is it a litmodel GPT or Llama model?")
     for name, segments in plan:
         layer = model.get_submodule(name)
-        if isinstance(layer, LoRALinear):
+        if isinstance(layer, (LoRALinear, LoRAGroupedLinear)):
             raise LitModelError(f"{name} already has LoRA; apply LoRA once (or merge_lora first)")
+        if isinstance(layer, GroupedLinear):
+            _set_submodule(model, name, LoRAGroupedLinear(layer, r=r, alpha=alpha, dropout=dropout))
+            continue
         if not isinstance(layer, nn.Linear):
             raise LitModelError(f"{name} is a {type(layer).__name__}, not an nn.Linear; cannot apply LoRA to it")
         lora = LoRALinear(layer, r=r, alpha=alpha, dropout=dropout, segments=segments)
@@ -268,8 +317,8 @@ def apply_lora(model: nn.Module, targets: str | Iterable[str] = ("query", "value
     return model
 
 
-def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear | LoRAGroupedLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAGroupedLinear))}
 
 
 def _is_lora_name(name: str) -> bool:
@@ -333,7 +382,14 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def _remove_lora(model: nn.Module) -> None:
     """Undo `apply_lora` without merging: plain nn.Linear layers with the same weight/bias Parameters."""
+    from litmodel.llama import GroupedLinear
+
     for name, m in lora_modules(model).items():
+        if isinstance(m, LoRAGroupedLinear):
+            grouped = GroupedLinear(1, m.in_features, m.out_features).to("meta")
+            grouped.weight = m.weight
+            _set_submodule(model, name, grouped)
+            continue
         cls = NF4Linear if is_nf4(m.weight) else nn.Linear
         linear = cls(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         linear.weight = m.weight

@@ -88,7 +88,9 @@ def targets_of(config: Config) -> dict[str, Target]:
     for i in range(config.n_layer):
         for leaf, segments in segs.items():
             lit = f"blocks.{i}.{leaf}"
-            hf = sources[lit]
+            hf = sources.get(lit)
+            if not hf:  # a layer this family does not have under this name (e.g. MoE experts): not exported
+                continue
             fn = hf[0][1] if len(hf) == 1 and hf[0][1] is not _transpose else _identity
             in_features = config.n_head * config.head_size if leaf == "attn.proj" else \
                 config.intermediate_size if leaf == "mlp.proj" else config.n_embd

@@ -21,8 +21,8 @@ from litmodel.fabric import Fabric
 from litmodel.loggers import CSVLogger, TensorBoardLogger
 from litmodel.plot import write_loss_plot
 from litmodel.flops import train_flops_per_token
-from litmodel.training import (EvalArgs, TrainArgs, accumulation_steps, build_optimizer, fit, resolve_precision,
-                               resolve_resume, save_final_checkpoint)
+from litmodel.training import (EvalArgs, TrainArgs, accumulation_steps, build_optimizer, fit, language_model_loss,
+                               resolve_precision, resolve_resume, save_final_checkpoint)
 from litmodel.utils import LitModelError
 
 
@@ -63,6 +63,12 @@ def main(fabric: Fabric, model_name: str | None, model_config: Config | None, ou
     from litmodel.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(tokenizer_dir)
+    evaluators = []
+    if eval.tasks:  # lm-eval tasks at each validation; names are checked now, before any training
+        from litmodel.evaluation import harness_evaluator  # deferred: lm-eval is an optional extra, slow to import
+
+        evaluators.append(harness_evaluator(eval.tasks, tokenizer, eval.limit, eval.include_path,
+                                            max_length=train.max_seq_length, batch_size=train.micro_batch_size))
 
     # 2. the model
     if initial_checkpoint_dir is not None:  # continued pretraining: the checkpoint's architecture and weights
@@ -110,7 +116,8 @@ def main(fabric: Fabric, model_name: str | None, model_config: Config | None, ou
     # 3. the loop (litmodel/training.py): next-token loss per target token; resumes weights, optimizer,
     #    counters, RNG and the exact data position from resume_from
     fit(fabric, model, optimizer, train_loader, train=train, eval=eval, out_dir=out_dir, max_steps=max_steps,
-        val_loader=val_loader, resume_from=resume_from,
+        val_loader=val_loader, evaluators=evaluators, resume_from=resume_from,
+        loss_fn=language_model_loss(train.router_aux_loss_coef),
         flops_per_token=train_flops_per_token(model, config, block_size))
     fabric.print(f"(a uniform guess scores ln(vocab) = {math.log(config.vocab_size):.2f})")
 
@@ -194,7 +201,7 @@ def run(model_name: str | None = None, model_config: Config | None = None, out_d
         out_dir: Where logs, resumable step-XXXXXX checkpoints and the final checkpoint dir go.
         data: The token shards and, for the stdlib default, how to make them.
         train: Batch sizes, token budget, learning-rate schedule, clipping, checkpoint interval.
-        eval: Validation interval and size.
+        eval: Validation interval and size; lm-eval tasks run at each validation (--eval.tasks, --eval.limit).
         accelerator: cpu, cuda or auto.
         devices: Processes per node (GPUs, or CPU processes).
         num_nodes: Nodes; several nodes are started by torchrun or srun (see README).
@@ -211,6 +218,10 @@ def run(model_name: str | None = None, model_config: Config | None = None, out_d
     """
     out_dir = Path(out_dir)
     resolve_resume(out_dir, resume)  # refuse to overwrite another run before any process starts
+    if eval.tasks:
+        from litmodel.evaluation import check_tasks  # deferred: lm-eval is an optional extra, slow to import
+
+        check_tasks(eval.tasks, eval.limit, eval.include_path)
     loggers = []
     if logger in ("csv", "both"):
         loggers.append(CSVLogger(out_dir, name="logs"))

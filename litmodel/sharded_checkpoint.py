@@ -25,7 +25,6 @@ from torch import nn
 
 from litmodel.checkpoint import MODEL_FILE
 from litmodel.fabric.sharded_load import copy_full_into, load_safetensors_sharded
-from litmodel.lora import LoRALinear
 from litmodel.utils import LitModelError
 
 
@@ -37,7 +36,7 @@ def fill_from_checkpoint(model: nn.Module, checkpoint_dir: str | Path, lora_rng:
     module = getattr(model, "module", model)
     path = Path(checkpoint_dir) / MODEL_FILE
     missing = load_safetensors_sharded(module, path)
-    lora = [m for m in module.modules() if isinstance(m, LoRALinear)]
+    lora = [m for m in module.modules() if hasattr(m, "reset_lora_parameters")]  # LoRALinear, LoRAGroupedLinear
     unexpected = [n for n in missing if n.rsplit(".", 1)[-1] not in ("lora_A", "lora_B")]
     if unexpected:
         raise LitModelError(f"{path} has no tensor {unexpected[0]!r} ({len(unexpected)} missing in all); "
@@ -48,9 +47,9 @@ def fill_from_checkpoint(model: nn.Module, checkpoint_dir: str | Path, lora_rng:
         raise LitModelError("the model has LoRA layers but no RNG state to initialise them from; pass the "
                             "torch.get_rng_state() taken before apply_lora")
     torch.set_rng_state(lora_rng)
-    for m in lora:  # in apply_lora's order, full matrices in the parameter dtype: the same draws
+    for m in lora:  # in apply_lora's order, full matrices in the parameter dtype, the layer's own init: the same draws
         a = torch.empty(m.lora_A.shape, dtype=m.lora_A.dtype)
         b = torch.empty(m.lora_B.shape, dtype=m.lora_B.dtype)
-        LoRALinear.reset_lora_parameters(SimpleNamespace(lora_A=a, lora_B=b))
+        type(m).reset_lora_parameters(SimpleNamespace(lora_A=a, lora_B=b))
         copy_full_into(m.lora_A, a)
         copy_full_into(m.lora_B, b)

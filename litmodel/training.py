@@ -59,6 +59,9 @@ class TrainArgs:
     activation_checkpointing: bool = False
     log_interval: int = 1  # optimizer steps between log lines
     save_interval: int | None = 1000  # optimizer steps between resumable checkpoints; None: only at the end
+    # mixture-of-experts models: weight of the router load-balancing loss added to the loss (0: off, as
+    # transformers' default; its MoE configs suggest 0.001 when router losses are on)
+    router_aux_loss_coef: float = 0.0
 
 
 @dataclass
@@ -69,6 +72,9 @@ class EvalArgs:
     max_iters: int = 20  # validation batches per run
     initial_validation: bool = False
     final_validation: bool = True
+    tasks: str | None = None  # lm-eval tasks run at each validation, e.g. arc_easy,piqa (needs the [eval] extra)
+    limit: float | None = 100  # examples per task in those runs (a fraction if below 1; null: all)
+    include_path: str | None = None  # a directory of your own task YAML files for --eval.tasks
 
 
 def accumulation_steps(train: TrainArgs, world_size: int) -> int:
@@ -139,6 +145,27 @@ def next_token_loss(model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[st
     else:
         logits = model(inputs)
     return token_loss_sum(logits, targets), {}
+
+
+def language_model_loss(router_aux_loss_coef: float = 0.0) -> LossFn:
+    """`loss_fn` of language modelling for ``--train.router_aux_loss_coef``: `next_token_loss`, plus for a
+    mixture-of-experts model ``coef`` x the router load-balancing loss of the forward
+    (`litmodel.llama.router_aux_loss`, as transformers adds ``router_aux_loss_coef * aux_loss``), counted
+    once per target token so that the loop's division by the token count gives transformers' mean loss.
+    The aux loss is logged as ``router_aux``; validation (eval mode) reports the next-token loss alone."""
+    if not router_aux_loss_coef:
+        return next_token_loss
+    from litmodel.llama import router_aux_loss
+
+    def loss_fn(model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss_sum, metrics = next_token_loss(model, batch)
+        aux = router_aux_loss(model)
+        if aux is None:  # eval mode, or a model without experts
+            return loss_sum, metrics
+        n = count_target_tokens(batch).to(aux.dtype)
+        return loss_sum + router_aux_loss_coef * aux * n, {**metrics, "router_aux": aux.detach() * n}
+
+    return loss_fn
 
 
 def count_input_tokens(batch: Any) -> int:

@@ -1,4 +1,5 @@
-"""Pretrain a Llama-family model (Llama, TinyLlama, SmolLM2, Qwen2.5, Mistral shapes) from scratch.
+"""Pretrain a Llama-family model (Llama, TinyLlama, SmolLM2/3, Qwen2.5/3, Qwen3-MoE, Mixtral, Mistral, Phi-3/4, OLMo 2 shapes)
+from scratch.
 
     python pretrain/llama.py                                        # offline CPU default: configs/pretrain/llama-default.yaml
     python pretrain/llama.py --config configs/pretrain/tinyllama-1.1b.yaml --devices 8 --num_nodes 4

@@ -177,16 +177,18 @@ def fsdp_worker(fabric: Fabric, small: str, lora_ref: dict, big: str, out_dir: s
     out["small_tied"] = model.lm_head.weight is model.wte.weight
 
     # 2. the finetuning recipe's path: LoRA on meta, sharded, filled; adapters equal a one-process apply_lora
-    torch.manual_seed(3)
-    lmodel = load_model(small, device="meta")
-    lora_rng = torch.get_rng_state()
-    apply_lora(lmodel, targets=("query", "value", "mlp"), r=2, alpha=4)
-    mark_only_lora_as_trainable(lmodel)
-    lmodel = fabric.setup(lmodel)
-    fill_from_checkpoint(lmodel, small, lora_rng)
-    lsd = get_model_state_dict(lmodel.module, options=full)
-    out["lora_equal"] = equal(lsd, lora_ref["state"])
-    out["rng_after"] = torch.equal(torch.get_rng_state(), lora_ref["rng_after"])
+    #    (a dense model and a mixture of experts: per-expert adapters, 3-d expert weights sharded by expert)
+    for name in ("small", "moe"):
+        torch.manual_seed(3)
+        lmodel = load_model(Path(small).parent / name, device="meta")
+        lora_rng = torch.get_rng_state()
+        apply_lora(lmodel, targets=("query", "value", "mlp"), r=2, alpha=4)
+        mark_only_lora_as_trainable(lmodel)
+        lmodel = fabric.setup(lmodel)
+        fill_from_checkpoint(lmodel, Path(small).parent / name, lora_rng)
+        lsd = get_model_state_dict(lmodel.module, options=full)
+        out[f"lora_equal_{name}"] = equal(lsd, lora_ref[name]["state"])
+        out[f"rng_after_{name}"] = torch.equal(torch.get_rng_state(), lora_ref[name]["rng_after"])
 
     # 3. per-rank RNG through a sharded (DCP) checkpoint
     fabric.seed_everything(11, per_rank=True)
@@ -220,15 +222,19 @@ def fsdp_worker(fabric: Fabric, small: str, lora_ref: dict, big: str, out_dir: s
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_fsdp_loads_only_each_ranks_shards(tmp_path):
-    torch.manual_seed(0)
-    small = build_model(tiny(tie_embeddings=True))
-    small.init_weights()
-    save_checkpoint_dir(tmp_path / "small", small, small.config)
-    # the reference LoRA model: one process, real weights, the same seed
-    torch.manual_seed(3)
-    ref = load_model(tmp_path / "small")
-    apply_lora(ref, targets=("query", "value", "mlp"), r=2, alpha=4)
-    lora_ref = {"state": {k: v.clone() for k, v in ref.state_dict().items()}, "rng_after": torch.get_rng_state()}
+    lora_ref = {}
+    moe = tiny(model_type="qwen3_moe", n_expert=4, n_expert_per_token=2, moe_intermediate_size=16)
+    for name, cfg in (("small", tiny(tie_embeddings=True)), ("moe", moe)):
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        model.init_weights()
+        save_checkpoint_dir(tmp_path / name, model, cfg)
+        # the reference LoRA model: one process, real weights, the same seed
+        torch.manual_seed(3)
+        ref = load_model(tmp_path / name)
+        apply_lora(ref, targets=("query", "value", "mlp"), r=2, alpha=4)
+        lora_ref[name] = {"state": {k: v.clone() for k, v in ref.state_dict().items()},
+                          "rng_after": torch.get_rng_state()}
     # ~150 MB in fp32: big enough that "whole model per rank" and "own shards" differ clearly in RSS
     big_cfg = tiny(vocab_size=8192, n_layer=8, n_embd=512, n_head=8, n_query_groups=8, intermediate_size=1536)
     with torch.device("meta"):
@@ -241,7 +247,8 @@ def test_fsdp_loads_only_each_ranks_shards(tmp_path):
     res = Fabric(accelerator="cpu", devices=2, strategy="fsdp").launch(
         fsdp_worker, str(tmp_path / "small"), lora_ref, str(tmp_path / "big"), str(tmp_path))
     assert res["small_equal"] and res["small_tied"]
-    assert res["lora_equal"] and res["rng_after"]
+    assert res["lora_equal_small"] and res["rng_after_small"]
+    assert res["lora_equal_moe"] and res["rng_after_moe"]
     assert res["rng"] == [1.0, 1.0]
     assert res["big_equal"]
     bound = res["local_mb"] + res["largest_local_mb"] + 24  # + allocator/bookkeeping slack
