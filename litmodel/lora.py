@@ -308,7 +308,7 @@ def apply_lora(model: nn.Module, targets: str | Iterable[str] = ("query", "value
         if isinstance(layer, (LoRALinear, LoRAGroupedLinear)):
             raise LitModelError(f"{name} already has LoRA; apply LoRA once (or merge_lora first)")
         if isinstance(layer, GroupedLinear):
-            _set_submodule(model, name, LoRAGroupedLinear(layer, r=r, alpha=alpha, dropout=dropout))
+            _set_submodule(model, name, LoRAGroupedLinear(layer, r=r, alpha=alpha, dropout=dropout).train(layer.training))
             continue
         if not isinstance(layer, nn.Linear):
             raise LitModelError(f"{name} is a {type(layer).__name__}, not an nn.Linear; cannot apply LoRA to it")
