@@ -19,7 +19,8 @@ state object: FSDP2 cannot shard it.
 
 Which weights: every ``nn.Linear`` inside the transformer blocks (attention qkv/proj, MLP). The
 embedding, the output head (often tied to the embedding) and the norms stay in the training
-precision, as in the QLoRA paper. Matrices whose size is not a multiple of 64 stay unquantized.
+precision, as in the QLoRA paper. Matrices whose size is not a multiple of 64, and the grouped expert
+weights of MoE models (not ``nn.Linear``), stay unquantized.
 
 Quantizing while loading: the model is built on the meta device, then `model.safetensors` is read
 one tensor at a time (``pread`` into a reused buffer, no memory map whose pages would stay
