@@ -61,8 +61,9 @@ METHODS = {"qlora": ("finetune/lora.py", [*QLORA, *SHORT]), "lora": ("finetune/l
            "full": ("finetune/full.py", [*COMMON, *FULL, *SHORT])}
 TWO = {"fsdp": ["--devices", "2", "--strategy", "fsdp"], "ddp": ["--devices", "2", "--strategy", "ddp"], "1": []}
 # (method, processes): killed after the step-2 checkpoint and resumed; compared with the 1-process uninterrupted run
-KILLED = [("qlora", "1"), ("qlora", "fsdp"), ("lora", "fsdp"), ("full", "1"), ("full", "fsdp")]
-STRAIGHT = [("qlora", "1"), ("lora", "1"), ("full", "1"), ("qlora", "ddp")]
+# (LoRA: 1 process in tests/test_finetune.py, 2 ranks in tests/test_training.py)
+KILLED = [("qlora", "1"), ("qlora", "fsdp"), ("full", "1"), ("full", "fsdp")]
+STRAIGHT = [("qlora", "1"), ("full", "1"), ("qlora", "ddp")]
 
 
 def _args(base, method, procs, out):
@@ -122,7 +123,7 @@ def _assert_same_run(root, ref_name, name, method):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", KILLED, ids=lambda c: "-".join(c))
 def test_killed_and_resumed_equals_one_uninterrupted_process(base, references, case):
-    """LoRA, QLoRA and full finetuning, 1 process and 2 FSDP processes, SIGKILLed from outside once the step-2
+    """QLoRA and full finetuning, 1 process and 2 FSDP processes, SIGKILLed from outside once the step-2
     checkpoint exists and resumed with --resume auto: the losses and final weights of one uninterrupted process."""
     out = _kill_and_resume(base, base["root"] / "short", case)
     method = case[0]
