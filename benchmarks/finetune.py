@@ -2,6 +2,7 @@
 
     python benchmarks/finetune.py --threads 1 --bf16_tokens 8    # the recorded run: ~8 minutes on a shared 2-core box
     python benchmarks/finetune.py --rounds 5                      # a quiet CPU with AVX512-BF16/AMX: all at 4 x 512
+    python benchmarks/finetune.py --quantize nf4 --threads 1      # LoRA vs QLoRA memory and speed, 135M and 1B shapes
 
 Variants (the recipe's own step: Fabric precision + activation checkpointing, forward with
 positions/mask, `sft_loss`, backward, clipping, AdamW):
@@ -196,8 +197,141 @@ def run_step(v: Variant) -> tuple[float, float, int, int, int, float]:
     return dt, cpu, B * T, int(batch["n_tokens"]), T, peak_mb
 
 
+# ---- LoRA vs QLoRA (--quantize nf4): whole-process peak memory and tokens/s, one process per run ----------------
+QLORA_DOC = """
+LoRA vs QLoRA (``--quantize nf4``): for each ``--qlora_models`` shape a random checkpoint is written once in
+bf16 (as Hub checkpoints are) under ``--work_dir``; then each run is a fresh process that loads it the way
+the recipe does (LoRA: ``load_model`` to float32; QLoRA: ``load_model_nf4``, quantizing tensor by tensor),
+applies LoRA r=8 to query and value, and runs ``--qlora_steps`` + 1 optimizer steps (the first is a
+warm-up) of ``--batch`` x ``--qlora_seq`` random tokens in 32-true. Peak memory is the process's peak
+resident set (VmHWM), weights included: that is what QLoRA is for. LoRA and QLoRA processes alternate,
+``--rounds`` times each; medians are reported.
+"""
+
+
+def write_random_checkpoint(name: str, work_dir: Path) -> Path:
+    """A checkpoint dir of the registry config ``name`` with random bf16 weights (std 0.02), written once."""
+    from litmodel.checkpoint import save_checkpoint_dir
+    from litmodel.utils import skip_weight_init
+
+    out = work_dir / name
+    if (out / "model.safetensors").is_file():
+        return out
+    config = Config.from_name(name)
+    with torch.device("meta"), skip_weight_init():
+        meta = build_model(config)
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for k, p in meta.state_dict().items():
+        if k == "lm_head.weight" and config.tie_embeddings:
+            continue
+        t = torch.ones(p.shape) if "norm" in k else torch.randn(p.shape, generator=g) * 0.02
+        state[k] = t.to(torch.bfloat16)
+    save_checkpoint_dir(out, state, config)
+    return out
+
+
+def qlora_worker(method: str, checkpoint_dir: Path, B: int, T: int, steps: int) -> None:
+    """One run in this process; prints a JSON line with its figures."""
+    import json
+
+    from litmodel.checkpoint import load_config, load_model
+    from litmodel.nf4 import load_model_nf4, nf4_model_nbytes
+
+    rss0 = _status_kb("VmRSS")
+    t0 = time.perf_counter()
+    if method.startswith("qlora"):
+        model = load_model_nf4(checkpoint_dir, dtype=torch.float32)
+    else:
+        model = load_model(checkpoint_dir, dtype=torch.float32)
+    apply_lora(model, targets=("query", "value"), r=8, alpha=16, dropout=0.0)
+    mark_only_lora_as_trainable(model)
+    model.train()
+    load_s, load_peak = time.perf_counter() - t0, _status_kb("VmHWM")
+    fabric = Fabric(accelerator="cpu", devices=1, precision="32-true", activation_checkpointing=method.endswith("-ac"))
+    fabric.launch()
+    model = fabric.setup(model)
+    optimizer = fabric.setup_optimizers(build_optimizer(model, TrainArgs(lr=1e-4, weight_decay=0.0)))
+    config = load_config(checkpoint_dir)
+    batches = fixed_batches(B, T, config.vocab_size)
+    times = []
+    for i in range(steps + 1):
+        batch = next(batches)
+        t = time.perf_counter()
+        loss = sft_loss(model(batch["input_ids"]), batch["labels"])
+        fabric.backward(loss)
+        fabric.step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        if i:  # the first step is a warm-up (optimizer state, allocator)
+            times.append(time.perf_counter() - t)
+        del loss
+    print(json.dumps({"method": method, "rss_start_mb": rss0 / 1024, "load_s": load_s, "load_peak_mb": load_peak / 1024,
+                      "peak_mb": _status_kb("VmHWM") / 1024, "step_s": times, "tokens": B * T,
+                      "weights_mb": nf4_model_nbytes(model.module) / 2**20}), flush=True)
+
+
+def qlora_main(args) -> None:
+    import json
+    import os
+    import subprocess
+
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    med = statistics.median
+    t_start = time.perf_counter()
+    rows = []
+    for name in args.qlora_models.split(","):
+        t0 = time.perf_counter()
+        ckpt = write_random_checkpoint(name, work)
+        print(f"{name}: checkpoint {ckpt} ({(ckpt / 'model.safetensors').stat().st_size / 2**20:.0f} MiB bf16, "
+              f"{time.perf_counter() - t0:.0f}s)", flush=True)
+        methods = args.qlora_methods.split(",")
+        results: dict[str, list[dict]] = {m: [] for m in methods}
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads or torch.get_num_threads())}
+        for r in range(args.rounds):
+            for method in methods:
+                cmd = [sys.executable, __file__, "--_worker", method, "--_checkpoint", str(ckpt), "--batch",
+                       str(args.batch), "--qlora_seq", str(args.qlora_seq), "--qlora_steps", str(args.qlora_steps),
+                       *(["--threads", str(args.threads)] if args.threads else [])]
+                out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if out.returncode != 0:
+                    raise SystemExit(f"{method} run failed:\n{out.stderr[-3000:]}")
+                res = json.loads(out.stdout.strip().splitlines()[-1])
+                results[method].append(res)
+                print(f"  round {r + 1} {method}: load {res['load_s']:.1f}s, peak {res['peak_mb']:.0f} MB "
+                      f"(after load {res['load_peak_mb']:.0f}, start {res['rss_start_mb']:.0f}), steps "
+                      f"{', '.join(f'{s:.1f}' for s in res['step_s'])} s ({time.perf_counter() - t_start:.0f}s)",
+                      flush=True)
+        summary = {}
+        for method, rs in results.items():
+            steps = [s for x in rs for s in x["step_s"]]
+            summary[method] = dict(peak=med([x["peak_mb"] for x in rs]), load_peak=med([x["load_peak_mb"] for x in rs]),
+                                   start=med([x["rss_start_mb"] for x in rs]), load_s=med([x["load_s"] for x in rs]),
+                                   weights=rs[0]["weights_mb"], tps=rs[0]["tokens"] / med(steps), step=med(steps))
+        rows.append((name, summary))
+    print(f"\ntotal {time.perf_counter() - t_start:.0f}s; batch {args.batch} x {args.qlora_seq}, medians of "
+          f"{args.rounds} round(s) x {args.qlora_steps} timed steps; threads {args.threads or torch.get_num_threads()}")
+    print("\n| model shape | method | parameters in memory MB | load s | peak RSS MB (whole process) | step s | tokens/s |")
+    print("|---|---|---|---|---|---|---|")
+    for name, s in rows:
+        for method, x in s.items():
+            label = {"lora": "LoRA", "qlora": "QLoRA (nf4)", "lora-ac": "LoRA + act. ckpt",
+                     "qlora-ac": "QLoRA (nf4) + act. ckpt"}[method]
+            print(f"| {name} | {label} | {x['weights']:.0f} | {x['load_s']:.1f} | "
+                  f"{x['peak']:.0f} | {x['step']:.2f} | {x['tps']:.1f} |")
+    for name, s in rows:
+        for q in [m for m in s if m.startswith("qlora") and "lora" in s]:
+            a, b = s["lora"], s[q]
+            print(f"{name}: {q} peak memory {b['peak'] / a['peak'] * 100:.0f}% of LoRA's (above the "
+                  f"~{a['start']:.0f} MB the interpreter + torch take before loading: "
+                  f"{(b['peak'] - b['start']) / (a['peak'] - a['start']) * 100:.0f}%), tokens/s "
+                  f"{b['tps'] / a['tps'] * 100:.0f}% of LoRA's")
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}")
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__ + QLORA_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="SmolLM2-135M-Instruct", help="registry config (random weights)")
     p.add_argument("--batch", type=int, default=4, help="sequences per step")
     p.add_argument("--seq", type=int, default=512, help="tokens per sequence (fixed-length variants)")
@@ -208,9 +342,26 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: all cores). On a shared machine use 1: two OpenMP threads that "
                         "compete with another job for the cores stall each other at every barrier (5x swings)")
+    p.add_argument("--quantize", choices=["nf4"], default=None, help="compare LoRA with QLoRA instead (see below)")
+    p.add_argument("--qlora_models", default="SmolLM2-135M-Instruct,Llama-3.2-1B", help="registry configs for --quantize")
+    p.add_argument("--qlora_seq", type=int, default=256, help="tokens per sequence for --quantize")
+    p.add_argument("--qlora_steps", type=int, default=2, help="timed steps per process for --quantize")
+    p.add_argument("--qlora_methods", default="lora,qlora,qlora-ac",
+                   help="runs for --quantize: lora, qlora, and -ac (activation checkpointing) variants")
+    p.add_argument("--work_dir", default="/tmp/litmodel-bench", help="where --quantize writes its random checkpoints")
+    p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_checkpoint", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args._worker:
+        return qlora_worker(args._worker, Path(args._checkpoint), args.batch, args.qlora_seq, args.qlora_steps)
+    if args.quantize:
+        if "--batch" not in sys.argv:
+            args.batch = 1
+        if "--rounds" not in sys.argv:
+            args.rounds = 1
+        return qlora_main(args)
 
     torch.manual_seed(0)
     config = Config.from_name(args.model)

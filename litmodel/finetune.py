@@ -41,6 +41,7 @@ from litmodel.checkpoint import (CONFIG_FILE, MODEL_FILE, SAFETENSORS_DTYPES, ch
 from litmodel.data.sft import IGNORE_INDEX, JSON, JSONData
 from litmodel.fabric import Fabric
 from litmodel.flops import train_flops_per_token
+from litmodel.nf4 import load_model_nf4, nf4_model_nbytes, round_trip_nf4_
 from litmodel.lora import (LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, LoRAConfig, apply_lora, load_lora,
                            mark_only_lora_as_trainable, merge_lora)
 from litmodel.plot import write_loss_plot
@@ -49,7 +50,7 @@ from litmodel.training import (EvalArgs, TrainArgs, accumulation_steps, build_op
                                resolve_precision, resolve_resume, save_final_checkpoint)
 from litmodel.utils import LitModelError, atomic_dir
 
-QUANTIZE_MODES = ("bnb.nf4",)
+QUANTIZE_MODES = {"nf4": "nf4", "bnb.nf4": "nf4"}  # --quantize value -> mode (litgpt's name as an alias)
 
 
 # ---- argument groups -----------------------------------------------------------------------------
@@ -183,7 +184,7 @@ def finetune_lora(checkpoint_dir: Path, data: Optional[JSONData] = None, out_dir
                   logger: Literal["csv", "tensorboard", "both"] = "csv",
                   train: FinetuneTrainArgs = lora_train_defaults(), eval: FinetuneEvalArgs = FinetuneEvalArgs(),
                   lora: LoRAArgs = LoRAArgs(), merge: bool = True,
-                  quantize: Optional[Literal["bnb.nf4"]] = None) -> Path:
+                  quantize: Optional[str] = None) -> Path:
     _run("lora", **{k: v for k, v in locals().items()})
     return Path(out_dir) / "final"
 
@@ -195,7 +196,10 @@ finetune_lora.__doc__ = """Finetune a model with LoRA: the base weights stay fro
         merge: Also write the merged model into out_dir/final (model.safetensors + model_config.yaml + tokenizer)
             so the generate scripts use it as is; false keeps only the adapter and a pointer to the base model
             (merge later with scripts/merge_lora.py).
-        quantize: bnb.nf4 stores the frozen base weights in 4 bits (QLoRA); needs bitsandbytes and a CUDA GPU.
+        quantize: nf4 (alias bnb.nf4): QLoRA. The frozen base weights of the transformer blocks are stored in 4 bits
+            (NF4 with double-quantized scales, torchao), quantized while loading; LoRA, norms, embedding and head stay
+            in the training precision. About 1/7 of the fp32 memory for the quantized weights; CPU and GPU; 1 process,
+            DDP or FSDP. out_dir/final's merged model is the dequantized base + the update, in the base's dtype.
 """
 
 
@@ -203,14 +207,20 @@ def finetune_full(checkpoint_dir: Path, data: Optional[JSONData] = None, out_dir
                   precision: str = "auto", devices: Union[int, str] = 1, num_nodes: int = 1, strategy: str = "auto",
                   accelerator: str = "auto", resume: Union[bool, str] = False, seed: int = 42,
                   logger: Literal["csv", "tensorboard", "both"] = "csv",
-                  train: FinetuneTrainArgs = full_train_defaults(), eval: FinetuneEvalArgs = FinetuneEvalArgs()) -> Path:
-    _run("full", **{k: v for k, v in locals().items()})
+                  train: FinetuneTrainArgs = full_train_defaults(), eval: FinetuneEvalArgs = FinetuneEvalArgs(),
+                  quantize: Optional[str] = None) -> Path:
+    if quantize is not None:
+        raise LitModelError(f"--quantize {quantize} freezes the base weights in 4 bits, which only LoRA can train on "
+                            "(QLoRA); use finetune/lora.py --quantize nf4, or drop --quantize for full finetuning")
+    _run("full", **{k: v for k, v in locals().items() if k != "quantize"})
     return Path(out_dir) / "final"
 
 
 finetune_full.__doc__ = """Finetune every weight of a model.
 
-    Args:""" + _COMMON_DOC + "\n"
+    Args:""" + _COMMON_DOC + """
+        quantize: Not available: a quantized base cannot be finetuned in full (use finetune/lora.py --quantize nf4).
+"""
 
 
 def _run(method: str, checkpoint_dir: Path, data: Optional[JSONData], out_dir: Path, precision: str,
@@ -236,11 +246,7 @@ def _run(method: str, checkpoint_dir: Path, data: Optional[JSONData], out_dir: P
         check_tasks(eval.tasks, eval.limit, eval.include_path)
     lora_config = lora.to_config() if method == "lora" else None
     if quantize is not None:
-        _check_quantize(quantize, accelerator, devices, num_nodes, strategy)
-        if not train.activation_checkpointing:
-            print("note: --quantize: enabling --train.activation_checkpointing so only one block's weights are "
-                  "dequantized at a time")
-            train = FinetuneTrainArgs(**{**asdict(train), "activation_checkpointing": True})
+        quantize = _check_quantize(quantize)
     fabric, hparams = prepare_run(checkpoint_dir, config, data, out_dir, precision, devices, num_nodes, strategy,
                                   accelerator, seed, logger, train, eval)
     hparams["method"] = method
@@ -285,21 +291,15 @@ def prepare_run(checkpoint_dir: Path, config, data, out_dir: Path, precision: st
     return fabric, hparams
 
 
-def _check_quantize(quantize: str, accelerator: str, devices, num_nodes: int, strategy: str) -> None:
+def _check_quantize(quantize: str) -> str:
+    """The quantization mode of a --quantize value (one line for an unknown one or a missing torchao)."""
+    import importlib.util
+
     if quantize not in QUANTIZE_MODES:
-        raise LitModelError(f"unknown --quantize {quantize!r}; choose {', '.join(QUANTIZE_MODES)} or leave it out")
-    missing = []
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        missing.append("bitsandbytes (pip install bitsandbytes)")
-    if accelerator == "cpu" or not torch.cuda.is_available():
-        missing.append("a CUDA GPU (none available here)")
-    if missing:
-        raise LitModelError(f"--quantize {quantize} needs {' and '.join(missing)}; drop --quantize to finetune "
-                            "the unquantized model")
-    if devices not in (1, "1") or num_nodes != 1 or strategy not in ("auto", "single"):
-        raise LitModelError(f"--quantize {quantize} runs on one GPU; use --devices 1 (no ddp/fsdp)")
+        raise LitModelError(f"unknown --quantize {quantize!r}; choose nf4 (alias bnb.nf4) or leave it out")
+    if importlib.util.find_spec("torchao") is None:
+        raise LitModelError(f"--quantize {quantize} needs torchao: pip install torchao (the quant extra)")
+    return QUANTIZE_MODES[quantize]
 
 
 # ---- the recipe ----------------------------------------------------------------------------------
@@ -327,7 +327,8 @@ def main(fabric: Fabric, spec: RunSpec) -> None:
 
     # 4. what a resumable checkpoint holds: LoRA only the trainable weights and their optimizer state, gathered
     #    (small, and independent of the number of processes); full finetuning the model and optimizer
-    state, save_fn, load_fn = resume_hooks(fabric, model, optimizer, spec.method, spec.lora)
+    lora = dataclasses.replace(spec.lora, quantize=spec.quantize) if spec.lora else None  # QLoRA resumes/merges as QLoRA
+    state, save_fn, load_fn = resume_hooks(fabric, model, optimizer, spec.method, lora)
     if fabric.is_global_zero and resume_from is None:
         for logger in fabric.loggers:
             logger.log_hyperparams(spec.hparams)
@@ -351,7 +352,7 @@ def main(fabric: Fabric, spec: RunSpec) -> None:
         flops_per_token=train_flops_per_token(model, config, seq_len))
 
     # 6. out_dir/final: the checkpoint dir every other script reads; the loss curve
-    write_final(fabric, model, spec.method, spec.lora, spec.checkpoint_dir, out_dir, spec.merge)
+    write_final(fabric, model, spec.method, lora, spec.checkpoint_dir, out_dir, spec.merge)
     write_loss_plot(fabric, out_dir)
 
 
@@ -389,24 +390,28 @@ def make_loaders(fabric: Fabric, data, train: TrainArgs) -> tuple:
 def build_finetune_model(fabric: Fabric, checkpoint_dir: Path, method: str, lora: Optional[LoRAConfig] = None,
                          quantize: Optional[str] = None, max_seq_length: Optional[int] = None):
     """The set-up model to train: the checkpoint with LoRA applied and only LoRA trainable (``method="lora"``;
-    ``quantize="bnb.nf4"`` stores the frozen base in 4 bits), or with every weight trainable (``"full"``).
+    ``quantize="nf4"`` stores the frozen base in NF4, quantized while loading), or with every weight trainable (``"full"``).
     Memory-mapped; under FSDP built on meta, then each rank reads only its shards. LoRA gets the same init
     everywhere (seeded)."""
     config = load_config(checkpoint_dir)
-    sharded_load = fabric.strategy == "fsdp"  # on meta; after sharding each rank reads only its shards
-    model = load_model(checkpoint_dir, device="meta" if sharded_load else fabric.device,
-                       dtype=param_dtype(fabric.precision))
+    dtype = param_dtype(fabric.precision)
+    sharded_load = fabric.strategy == "fsdp" and not quantize  # on meta; after sharding each rank reads its shards
+    if quantize:  # QLoRA: the blocks' linear weights are quantized to NF4 one tensor at a time while loading
+        on_device = fabric.device if fabric.strategy != "fsdp" else torch.device("cpu")  # FSDP moves shards itself
+        shards = fabric.world_size if fabric.strategy == "fsdp" else 1
+        model = load_model_nf4(checkpoint_dir, device=on_device, dtype=dtype, shards=shards)
+    else:
+        model = load_model(checkpoint_dir, device="meta" if sharded_load else fabric.device, dtype=dtype)
     lora_rng = torch.get_rng_state()
     if method == "lora":
         apply_lora(model, **lora.to_dict())
-        if quantize:
-            quantize_nf4(model)
         mark_only_lora_as_trainable(model)
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     fabric.print(f"model: {config.name} ({config.model_type}), {total / 1e6:.1f}M parameters, {trainable / 1e6:.3f}M "
-                 f"trainable ({method}), max_seq_length {max_seq_length or config.block_size}, {fabric.precision}")
+                 f"trainable ({method}), max_seq_length {max_seq_length or config.block_size}, {fabric.precision}"
+                 + (f", base in NF4: {nf4_model_nbytes(model) / 2**20:.1f} MiB of parameters" if quantize else ""))
     model = fabric.setup(model)
     if sharded_load:
         fill_from_checkpoint(model, checkpoint_dir, lora_rng)
@@ -534,7 +539,7 @@ def load_lora_state(fabric: Fabric, model, optimizer, lora: LoRAConfig, path: Pa
     fabric.load(path, state)
     if dict(state["lora_config"]) != lora.to_dict():
         raise LitModelError(f"{path} was trained with LoRA {dict(state['lora_config'])} but this run asks for "
-                            f"{lora.to_dict()}; pass the same --lora.* flags to resume it")
+                            f"{lora.to_dict()}; pass the same --lora.* (and --quantize) flags to resume it")
     set_model_state_dict(model.module, dict(state["lora_state"]),
                          options=StateDictOptions(full_state_dict=True, strict=False))
     with _allow_step(fabric):
@@ -573,8 +578,11 @@ def read_lora_config(lora_dir: Path) -> tuple[LoRAConfig, Optional[str]]:
 
 
 def merged_model(base_checkpoint_dir: Path, lora_dir: Path) -> nn.Module:
-    """The base model (in its stored dtype, on CPU) with the adapter of ``lora_dir`` folded in."""
+    """The base model (in its stored dtype, on CPU) with the adapter of ``lora_dir`` folded in. A QLoRA adapter
+    (``quantize: nf4`` in its config) is folded into the NF4-rounded base it was trained against."""
     model = load_model(base_checkpoint_dir)
+    if LoRAConfig.from_yaml(Path(lora_dir) / LORA_CONFIG_FILE).quantize == "nf4":
+        round_trip_nf4_(model)
     load_lora(model, lora_dir)
     return merge_lora(model)
 
@@ -616,41 +624,6 @@ def merge_lora_checkpoint(checkpoint_dir: Path, base_checkpoint_dir: Optional[Pa
         write_lora_config(tmp, lora_cfg, base)
         write_merged(tmp, base, tmp)
     return out_dir
-
-
-# ---- QLoRA: 4-bit frozen base weights (bitsandbytes, CUDA) ---------------------------------------
-class _NF4Dequantize(nn.Module):
-    """Parametrization: the stored 4-bit weight -> the dense weight, recomputed on every access."""
-
-    def __init__(self, quant_state, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.quant_state, self.dtype = quant_state, dtype
-
-    def forward(self, packed: torch.Tensor) -> torch.Tensor:
-        import bitsandbytes.functional as bnbF
-
-        return bnbF.dequantize_4bit(packed, self.quant_state).to(self.dtype)
-
-
-def quantize_nf4(model: nn.Module) -> nn.Module:
-    """Store the base weight of every linear layer in the transformer blocks as NF4 (bitsandbytes), in place,
-    after `apply_lora`: the layer (`LoRALinear` or `nn.Linear`) reads the dequantized weight through a
-    parametrization; LoRA weights, embedding and output head stay as they are. Untested without a GPU."""
-    import bitsandbytes.functional as bnbF
-    from torch.nn.utils import parametrize
-
-    from litmodel.lora import LoRALinear
-
-    for name, module in model.named_modules():
-        if not name.startswith("blocks.") or not isinstance(module, (nn.Linear, LoRALinear)):
-            continue
-        weight = module.weight.detach()
-        packed, quant_state = bnbF.quantize_4bit(weight.to(torch.bfloat16).cuda(), blocksize=64,
-                                                 compress_statistics=True, quant_type="nf4")
-        module.weight = nn.Parameter(packed, requires_grad=False)
-        parametrize.register_parametrization(module, "weight", _NF4Dequantize(quant_state, weight.dtype), unsafe=True)
-        module.parametrizations.weight.original.requires_grad_(False)
-    return model
 
 
 # ---- the command line ----------------------------------------------------------------------------

@@ -43,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
+from litmodel.nf4 import NF4Linear, dequantize_nf4, is_nf4, nf4_linear
 from litmodel.utils import LitModelError, atomic_file
 
 LORA_WEIGHTS_FILE = "lora.safetensors"
@@ -81,6 +82,9 @@ class LoRAConfig:
     dropout: float = 0.0
     targets: tuple[str, ...] = field(default=("query", "value"))
     base_checkpoint_dir: str | None = None
+    # "nf4" when the base weights were 4-bit while training (QLoRA): merging folds the update into the
+    # NF4-rounded base, the weights the adapter was trained against
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         self.targets = _parse_targets(self.targets)
@@ -91,11 +95,13 @@ class LoRAConfig:
         return self.alpha / self.r
 
     def to_dict(self) -> dict:
-        """The hyperparameters (the keyword arguments of `apply_lora`), plus the base dir when it is known."""
+        """The hyperparameters (the keyword arguments of `apply_lora`), plus the base dir and the base's quantization
+        when they are known."""
         d = asdict(self)
         d["targets"] = list(self.targets)
-        if d["base_checkpoint_dir"] is None:
-            del d["base_checkpoint_dir"]
+        for key in ("base_checkpoint_dir", "quantize"):
+            if d[key] is None:
+                del d[key]
         return d
 
     def to_yaml(self, path: str | os.PathLike) -> None:
@@ -171,7 +177,7 @@ class LoRALinear(nn.Module):
         return len(self.segments) == 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = nf4_linear(x, self.weight, self.bias)  # F.linear, or the NF4 kernel when the base weight is 4-bit (QLoRA)
         if self.disabled:
             return out
         h = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
@@ -312,11 +318,12 @@ def apply_lora(model: nn.Module, targets: str | Iterable[str] = ("query", "value
         if isinstance(layer, (LoRALinear, LoRAGroupedLinear)):
             raise LitModelError(f"{name} already has LoRA; apply LoRA once (or merge_lora first)")
         if isinstance(layer, GroupedLinear):
-            _set_submodule(model, name, LoRAGroupedLinear(layer, r=r, alpha=alpha, dropout=dropout))
+            _set_submodule(model, name, LoRAGroupedLinear(layer, r=r, alpha=alpha, dropout=dropout).train(layer.training))
             continue
         if not isinstance(layer, nn.Linear):
             raise LitModelError(f"{name} is a {type(layer).__name__}, not an nn.Linear; cannot apply LoRA to it")
-        _set_submodule(model, name, LoRALinear(layer, r=r, alpha=alpha, dropout=dropout, segments=segments))
+        lora = LoRALinear(layer, r=r, alpha=alpha, dropout=dropout, segments=segments)
+        _set_submodule(model, name, lora.train(layer.training))  # an eval-mode model stays in eval mode (no dropout)
     return model
 
 
@@ -383,7 +390,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, m in lora_modules(model).items():
         W = m.weight
         delta = m.delta_weight(torch.float32).to(W.device)
-        if counts.get(id(W), 0) > 1:  # shared (tied head): a new tensor, never touch the embedding
+        if is_nf4(W):  # QLoRA: the merged weight is dense (dequantized base + update)
+            new_w = nn.Parameter((dequantize_nf4(W, torch.float32) + delta).to(W.dtype), requires_grad=False)
+        elif counts.get(id(W), 0) > 1:  # shared (tied head): a new tensor, never touch the embedding
             new_w = nn.Parameter((W.float() + delta).to(W.dtype), requires_grad=W.requires_grad)
             untied = True
         else:
@@ -406,7 +415,8 @@ def _remove_lora(model: nn.Module) -> None:
             grouped.weight = m.weight
             _set_submodule(model, name, grouped)
             continue
-        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        cls = NF4Linear if is_nf4(m.weight) else nn.Linear
+        linear = cls(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         linear.weight = m.weight
         if m.bias is not None:
             linear.bias = m.bias

@@ -317,8 +317,10 @@ def _bad_cases(base, root: Path) -> dict:
         "taken_out_dir": ("finetune/lora.py", [*ft, "--out_dir", taken, *data_args(base["json"])],
                           "already holds a run; pass --resume auto", None),
         "adapter_mismatch": ("scripts/merge_lora.py", ["--checkpoint_dir", adapter], "has shape", None),
-        "qlora_unavailable": ("finetune/lora.py", [*ft, "--out_dir", root / "o4", *data_args(base["json"]),
-                                                   "--quantize", "bnb.nf4"], "--quantize bnb.nf4 needs", root / "o4"),
+        "unknown_quantize": ("finetune/lora.py", [*ft, "--out_dir", root / "o4", *data_args(base["json"]),
+                                                  "--quantize", "int3"], "unknown --quantize 'int3'", root / "o4"),
+        "full_quantize": ("finetune/full.py", [*ft, "--out_dir", root / "o5", *data_args(base["json"]),
+                                               "--quantize", "nf4"], "use finetune/lora.py --quantize nf4", root / "o5"),
     }
 
 

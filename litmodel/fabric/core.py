@@ -291,8 +291,10 @@ class Fabric:
                                             "the model; build it from model.parameters()")
         on_meta = any(t.is_meta for t in [*module.parameters(), *module.buffers()])
         ties = _shared_parameters(module)  # to_empty gives each holder its own copy: re-tied below
-        if self._precision.param_dtype is not None:
-            module.to(self._precision.param_dtype)
+        dtype = self._precision.param_dtype
+        if dtype is not None and any(t.is_floating_point() and t.dtype != dtype
+                                     for t in [*module.parameters(), *module.buffers()]):
+            module.to(dtype)  # (skipped when already there: .to(dtype) would dequantize NF4 weights, see litmodel/nf4.py)
         if self.activation_checkpointing:
             self._apply_activation_checkpointing(module)
         forward_module = module
