@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from litmodel.layers import CausalSelfAttention, RMSNorm, apply_rope
+from litmodel.layers import CausalSelfAttention, KVCache, RMSNorm, apply_rope
 from litmodel.quantize import DecodeLinear, _native_half_matmul
 
 
@@ -125,7 +125,7 @@ class DecodeAttention(CausalSelfAttention):
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
                 mask: torch.Tensor | None, input_pos: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
-        if T != 1 or input_pos is None or input_pos.shape != (1,) or mask is None or self.kv_cache is None \
+        if T != 1 or input_pos is None or input_pos.shape != (1,) or mask is None or type(self.kv_cache) is not KVCache \
                 or mask.dtype != torch.bool or self.softcap is not None:  # the general path for anything else
             return super().forward(x, cos, sin, mask, input_pos)
         H, G, hs = self.n_head, self.n_kv_heads, self.head_size
