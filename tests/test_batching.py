@@ -13,12 +13,7 @@ from litmodel.generate import generate, generate_many  # generate_many: litmodel
 from litmodel.utils import LitModelError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FAMILIES = {

@@ -36,13 +36,7 @@ LONG = ("Once upon a time there was a small model that generated text one token 
 TASKS = ["tiny_mc", "tiny_ppl", "tiny_gen", "tiny_gen_long"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and OpenMP teams stall when other jobs share the cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _write_tasks(root: Path) -> Path:

@@ -19,12 +19,7 @@ from litmodel.speculative import SpeculativeStats, accept_or_resample, check_dra
 from litmodel.utils import LitModelError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(arch: str = "llama", std: float = 0.3, seed: int = 0, **kw):

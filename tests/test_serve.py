@@ -37,13 +37,7 @@ TEXT = ("The quick brown fox jumps over the lazy dog. Héllo wörld, ça va? 日
         "Once upon a time there was a small model that generated text one token at a time. ") * 20
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and OpenMP teams stall when other jobs share the cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
