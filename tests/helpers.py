@@ -35,3 +35,40 @@ def run_and_kill(cmd: list[str], kill_when: Path, cwd: Path, env: dict | None = 
         for t in readers:
             t.join(10)
     return subprocess.CompletedProcess(cmd, proc.returncode, out.get("stdout", ""), out.get("stderr", ""))
+
+
+def tiny_chat_checkpoint(root: Path, text: str, chat_template: str, *, name: str, block_size: int,
+                         vocab_size: int = 300, adjust=None) -> Path:
+    """A tiny random Llama checkpoint dir under ``root/ckpt`` with a byte-level BPE tokenizer trained on ``text``
+    (special tokens <|endoftext|>, <|im_start|>, <|im_end|>) and ``chat_template``. Weights N(0, 0.3) after
+    ``torch.manual_seed(0)``; ``adjust(model, tokenizer)`` may edit them (under no_grad) before saving."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from litmodel import Config, build_model
+    from litmodel.checkpoint import save_checkpoint_dir
+
+    tk = HFTokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size,
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator([text], trainer)
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>",
+                                                  eos_token="<|endoftext|>")
+    hf_tok.chat_template = chat_template
+    hf_tok.save_pretrained(root / "tok")
+    torch.manual_seed(0)
+    cfg = Config(name=name, block_size=block_size, vocab_size=tk.get_vocab_size(), n_layer=2, n_head=4,
+                 n_query_groups=2, n_embd=32, intermediate_size=64)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.3)
+        if adjust is not None:
+            adjust(model, tk)
+    return save_checkpoint_dir(root / "ckpt", model, cfg, tokenizer_dir=root / "tok")

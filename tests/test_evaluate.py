@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import tiny_chat_checkpoint
 from litmodel import Config, build_model
-from litmodel.checkpoint import save_checkpoint_dir, load_model
+from litmodel.checkpoint import load_model
 from litmodel.scoring import perplexity, score_continuations, sliding_windows
 from litmodel.tokenizer import Tokenizer
 
@@ -78,32 +79,11 @@ def _write_tasks(root: Path) -> Path:
 def env(tmp_path_factory):
     """A tiny Llama checkpoint (block_size 32) with a byte-level BPE tokenizer and a ChatML template, its HF
     export, the local tasks and their TaskManager."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
     from litmodel.evaluation import task_manager
     from litmodel.hf import convert_lit_checkpoint
 
     root = tmp_path_factory.mktemp("evaluate")
-    tk = HFTokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tk.train_from_iterator([TEXT], trainer)
-    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>",
-                                                  eos_token="<|endoftext|>")
-    hf_tok.chat_template = CHAT_TEMPLATE
-    hf_tok.save_pretrained(root / "tok")
-    torch.manual_seed(0)
-    cfg = Config(name="tiny-eval", block_size=BLOCK, vocab_size=tk.get_vocab_size(), n_layer=2, n_head=4,
-                 n_query_groups=2, n_embd=32, intermediate_size=64)
-    model = build_model(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.3)
-    ckpt = save_checkpoint_dir(root / "ckpt", model, cfg, tokenizer_dir=root / "tok")
+    ckpt = tiny_chat_checkpoint(root, TEXT, CHAT_TEMPLATE, name="tiny-eval", block_size=BLOCK)
     convert_lit_checkpoint(ckpt, root / "hf")
     tasks = _write_tasks(root)
     return {"root": root, "ckpt": ckpt, "hf": root / "hf", "tasks": tasks, "manager": task_manager(TASKS, tasks)}

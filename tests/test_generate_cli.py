@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
+from tests.helpers import tiny_chat_checkpoint
 from litmodel import Config, build_model
 from litmodel.checkpoint import save_checkpoint_dir, load_model
 from litmodel.generate import generate
@@ -45,36 +45,17 @@ def ckpt(tmp_path_factory) -> Path:
 
     Dimension 0 of the residual stream is held constant and only <|im_end|>'s output row reads it,
     so sampling ends a reply with <|im_end|> after a few tokens."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    root = tmp_path_factory.mktemp("gen_cli")
-    tk = HFTokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tk.train_from_iterator([TEXT], trainer)
-    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>",
-                                                  eos_token="<|endoftext|>")
-    hf_tok.chat_template = CHAT_TEMPLATE
-    hf_tok.save_pretrained(root / "tok")
-    eot = tk.token_to_id("<|im_end|>")
-    torch.manual_seed(0)
-    cfg = Config(name="tiny-chat", block_size=128, vocab_size=tk.get_vocab_size(), n_layer=2, n_head=4,
-                 n_query_groups=2, n_embd=32, intermediate_size=64)
-    model = build_model(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.3)
+    def steer_to_im_end(model, tk):
+        eot = tk.token_to_id("<|im_end|>")
         model.wte.weight[:, 0] = 3.0
         for block in model.blocks:
             block.attn.proj.weight[0] = 0
             block.mlp.proj.weight[0] = 0
         model.lm_head.weight[:, 0] = 0
         model.lm_head.weight[eot, 0] = EOT_BOOST
-    return save_checkpoint_dir(root / "ckpt", model, cfg, tokenizer_dir=root / "tok")
+
+    return tiny_chat_checkpoint(tmp_path_factory.mktemp("gen_cli"), TEXT, CHAT_TEMPLATE, name="tiny-chat",
+                                block_size=128, vocab_size=320, adjust=steer_to_im_end)
 
 
 def run(script: str, *args: str, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:

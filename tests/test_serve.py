@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from litmodel import Config, build_model
-from litmodel.checkpoint import load_model, save_checkpoint_dir
+from tests.helpers import tiny_chat_checkpoint
+from litmodel.checkpoint import load_model
 from litmodel.generate import generate
 from litmodel.tokenizer import Tokenizer
 
@@ -43,29 +43,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     """A tiny Llama checkpoint (context 2048) with a byte-level BPE tokenizer and a ChatML chat template."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    root = tmp_path_factory.mktemp("serve")
-    tk = HFTokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tk.train_from_iterator([TEXT], trainer)
-    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>",
-                                                  eos_token="<|endoftext|>")
-    hf_tok.chat_template = CHAT_TEMPLATE
-    hf_tok.save_pretrained(root / "tok")
-    torch.manual_seed(0)
-    cfg = Config(name="tiny-serve", block_size=2048, vocab_size=tk.get_vocab_size(), n_layer=2, n_head=4,
-                 n_query_groups=2, n_embd=32, intermediate_size=64)
-    model = build_model(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.3)
-    return save_checkpoint_dir(root / "ckpt", model, cfg, tokenizer_dir=root / "tok")
+    return tiny_chat_checkpoint(tmp_path_factory.mktemp("serve"), TEXT, CHAT_TEMPLATE, name="tiny-serve",
+                                block_size=2048)
 
 
 @pytest.fixture(scope="module")
