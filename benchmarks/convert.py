@@ -29,7 +29,6 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def write_random_hf_checkpoint(model: str, out: Path, shard_bytes: int) -> int:

@@ -21,18 +21,14 @@ import argparse
 import datetime
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from litmodel import Config, build_model  # noqa: E402
-from litmodel.convert import lit_to_hf_plan  # noqa: E402
-from litmodel.generate import generate_tokens  # noqa: E402
-from litmodel.utils import num_parameters, tune_allocator  # noqa: E402
+from litmodel import Config, build_model
+from litmodel.convert import lit_to_hf_plan
+from litmodel.generate import generate_tokens
+from litmodel.utils import num_parameters, tune_allocator
 
 
 def configs(layers: int, vocab: int) -> dict[str, Config]:

@@ -17,7 +17,6 @@ Allocators: "default" is glibc malloc as it comes; "tuned" is what litmodel's en
 from __future__ import annotations
 
 import argparse
-import ctypes.util
 import glob
 import json
 import os
@@ -25,10 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 MODELS = {
     "gpt-6x384": dict(name="gpt-6x384", model_type="gpt2", block_size=256, vocab_size=50304, n_layer=6, n_head=6,

@@ -34,14 +34,13 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 import httpx
 import torch
 
 from litmodel import Config, build_model
 from litmodel.checkpoint import save_checkpoint_dir
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_checkpoint(out: Path, model_name: str) -> Path:

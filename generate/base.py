@@ -26,8 +26,6 @@ import time
 from pathlib import Path
 from typing import Literal, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also works from a checkout without install
-
 import torch
 
 from litmodel.batching import BatchEngine, Request, SamplingParams

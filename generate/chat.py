@@ -17,8 +17,6 @@ import time
 from pathlib import Path
 from typing import Literal, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also works from a checkout without install
-
 import torch
 
 from litmodel.generate import (CacheState, Timer, check_lengths, check_sampling, dump_prompt_ids, fit_conversation,

@@ -21,8 +21,6 @@ import time
 from pathlib import Path
 from typing import Literal, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also works from a checkout without install
-
 from litmodel.batching import BatchEngine, EngineThread
 from litmodel.generate import model_bytes, precision_name, setup_generation
 from litmodel.utils import LitModelError, cli_main

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from litmodel import build_meta_model
 from litmodel.config import Config
-from litmodel.utils import LitModelError, atomic_file, skip_weight_init
+from litmodel.utils import LitModelError, atomic_file
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "model_config.yaml"
@@ -116,12 +117,9 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], sour
 def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                config: Config | None = None) -> nn.Module:
     """Build the model on the meta device and fill it from `model.safetensors` (memory-mapped)."""
-    from litmodel import build_model
-
     d = check_checkpoint_dir(checkpoint_dir)
     config = config or load_config(d)
-    with torch.device("meta"), skip_weight_init():
-        model = build_model(config)
+    model = build_meta_model(config)
     state_dict = mmap_safetensors(d / MODEL_FILE)
     check_state_dict(model, state_dict, str(d / MODEL_FILE))
     device = torch.device(device)

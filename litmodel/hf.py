@@ -30,11 +30,12 @@ from typing import Callable, Iterable, Iterator, Union
 
 import torch
 
+from litmodel import build_meta_model
 from litmodel.checkpoint import CONFIG_FILE, MODEL_FILE, SAFETENSORS_DTYPES, load_config, read_safetensors_header
 from litmodel.config import HF_MODEL_TYPES, Config, hf_text_config, name_to_config
 from litmodel.convert import IGNORED_HF_SUFFIXES, VISION_PREFIXES, hf_aliases, hf_to_lit_plan, lit_to_hf_plan
 from litmodel.convert import _cat, _same  # the plans' layout-preserving functions
-from litmodel.utils import LitModelError, fsync_tree, parse_dtype, skip_weight_init
+from litmodel.utils import LitModelError, fsync_tree, parse_dtype
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -454,11 +455,9 @@ def _apply_meta(fn: Callable[..., torch.Tensor], metas: list[torch.Tensor]) -> t
 
 def expected_lit_shapes(config: Config) -> dict[str, tuple[int, ...]]:
     """Every tensor `model.safetensors` holds for ``config`` (tied heads not stored)."""
-    from litmodel import build_model
     from litmodel.checkpoint import model_state_for_saving
 
-    with skip_weight_init(), torch.device("meta"):
-        model = build_model(config)
+    model = build_meta_model(config)
     return {k: tuple(v.shape) for k, v in model_state_for_saving(model).items()}
 
 

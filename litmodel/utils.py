@@ -157,24 +157,3 @@ def tune_allocator() -> bool:
     if ok:
         os.environ["LITMODEL_ALLOCATOR_TUNED"] = "1"  # spawned workers (litmodel.fabric) do the same
     return bool(ok)
-
-
-@contextlib.contextmanager
-def skip_weight_init() -> Iterator[None]:
-    """Make `torch.nn.init` a no-op while building a model for its shapes only.
-
-    On the meta device, `nn.Embedding`'s `init.normal_` goes through torch._refs and imports
-    torch._dynamo: 2-4 s of start-up for nothing.
-    """
-    import torch.nn.init as init
-
-    names = [n for n in ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
-                         "kaiming_normal_", "xavier_uniform_", "xavier_normal_") if hasattr(init, n)]
-    saved = {n: getattr(init, n) for n in names}
-    try:
-        for n in names:
-            setattr(init, n, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for n, fn in saved.items():
-            setattr(init, n, fn)

@@ -14,11 +14,8 @@ adapter_config.json): `peft.PeftModel.from_pretrained(hf_base_model, "adapter")`
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Literal, Optional, Union
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also works from a checkout without install
 
 from litmodel.hf import convert_lit_checkpoint
 from litmodel.peft_io import export_peft

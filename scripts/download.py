@@ -11,11 +11,8 @@ license accepted on the Hub page and a token: --access_token or the HF_TOKEN env
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Literal, Optional
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also works from a checkout without install
 
 from litmodel.utils import cli_main
 

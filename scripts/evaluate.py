@@ -20,8 +20,6 @@ import sys
 from pathlib import Path
 from typing import Literal, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also works from a checkout without install
-
 import torch
 
 from litmodel.checkpoint import check_checkpoint_dir, load_model

@@ -12,11 +12,8 @@ files. By default the merged files go into --checkpoint_dir itself (replaced ato
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also works from a checkout without install
 
 from litmodel.utils import cli_main
 

@@ -10,11 +10,8 @@ one; a .jsonl line, a .json record, a .parquet row (needs pyarrow) is one, its t
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Literal, Optional
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also works from a checkout without install
 
 from litmodel.data import DEFAULT_SEED, DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, hub_corpus, prepare_corpus
 from litmodel.data.sources import DEFAULT_HUB_PATTERNS

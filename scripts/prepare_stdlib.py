@@ -6,11 +6,8 @@ into train/val token shards for pretraining.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Literal, Optional
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also works from a checkout without install
 
 from litmodel.data import DEFAULT_SEED, DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, prepare_corpus, stdlib_corpus
 from litmodel.utils import cli_main

@@ -8,11 +8,8 @@ Every file under --input_dir (recursively) ending in one of --extensions is one 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Literal, Optional
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also works from a checkout without install
 
 from litmodel.data import DEFAULT_SEED, DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, prepare_corpus, text_dir_corpus
 from litmodel.utils import cli_main

@@ -11,14 +11,11 @@ and ``transformers.AutoTokenizer``. ``--config x.yaml`` / ``--print_config`` wor
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Literal
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
-
-from litmodel.tokenizer import train_tokenizer  # noqa: E402
-from litmodel.utils import cli_main  # noqa: E402
+from litmodel.tokenizer import train_tokenizer
+from litmodel.utils import cli_main
 
 
 def main(
