@@ -47,7 +47,8 @@ from litmodel.data.sft import IGNORE_INDEX, PackedBatches, collate_fn, sft_loss
 from litmodel.fabric import Fabric
 from litmodel.flops import matmul_dtype, measure_matmul_flops, mfu, peak_flops, train_flops_per_token
 from litmodel.lora import apply_lora, mark_only_lora_as_trainable
-from litmodel.training import TrainArgs, build_optimizer, cpu_supports_fast_bf16
+from litmodel.precision import native_half_matmul
+from litmodel.training import TrainArgs, build_optimizer
 
 
 # ---- memory of one step (Linux) ------------------------------------------------------------------
@@ -360,7 +361,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     config = Config.from_name(args.model)
-    fast_bf16 = cpu_supports_fast_bf16()
+    fast_bf16 = native_half_matmul(torch.bfloat16)
     bf16_B, bf16_T = (args.batch, args.seq) if fast_bf16 and args.bf16_tokens is None else (1, args.bf16_tokens or 8)
     B, T = args.batch, args.seq
     variants = [

@@ -46,7 +46,8 @@ import torch
 import torch.nn as nn
 
 from litmodel import Config, build_model
-from litmodel.generate import generate, make_decode_step, prepare_model, resolve_precision
+from litmodel.generate import generate, make_decode_step, prepare_model
+from litmodel.precision import inference_dtype
 from litmodel.quantize import optimize_for_decode
 from litmodel.speculative import SpeculativeStats, speculative_generate
 from litmodel.utils import tune_allocator
@@ -303,7 +304,7 @@ def main() -> None:
     args = p.parse_args()
     tune_allocator()
     torch.set_num_threads(args.threads)
-    default_dtype = resolve_precision(None, torch.device("cpu"))
+    default_dtype = inference_dtype(None, torch.device("cpu"))
     cfg = Config.from_name("SmolLM2-135M")
     torch.manual_seed(0)
     base = build_model(cfg)

@@ -102,11 +102,11 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(**json.loads(args.worker))))
         return
-    import torch
+    import torch  # here, not at the top: the per-variant workers set threads before importing it
 
-    from litmodel.training import cpu_supports_fast_bf16
+    from litmodel.precision import native_half_matmul
 
-    fast_bf16 = cpu_supports_fast_bf16()
+    fast_bf16 = native_half_matmul(torch.bfloat16)
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, oneDNN bf16 kernels: {fast_bf16}")
     if args.precisions is None:
         args.precisions = "32-true,bf16-mixed,bf16-true" if fast_bf16 else "32-true"

@@ -30,7 +30,8 @@ import torch
 
 from litmodel.batching import BatchEngine, Request, SamplingParams
 from litmodel.generate import (Timer, check_lengths, check_sampling, dump_prompt_ids, generate, make_generator,
-                               model_bytes, precision_name, read_stdin_prompt, setup_generation, sync, warmup)
+                               model_bytes, read_stdin_prompt, setup_generation, sync, warmup)
+from litmodel.precision import precision_name
 from litmodel.speculative import SpeculativeStats, check_draft, speculative_generate
 from litmodel.utils import LitModelError, cli_main
 

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from litmodel.batching import BatchEngine, EngineThread
-from litmodel.generate import model_bytes, precision_name, setup_generation
+from litmodel.generate import model_bytes, setup_generation
+from litmodel.precision import precision_name
 from litmodel.utils import LitModelError, cli_main
 
 DEFAULT_MAX_SEQ_LENGTH = 2048  # KV cache positions per slot unless --max_seq_length says otherwise

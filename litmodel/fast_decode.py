@@ -30,7 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from litmodel.layers import CausalSelfAttention, KVCache, RMSNorm, apply_rope
-from litmodel.quantize import DecodeLinear, _native_half_matmul
+from litmodel.precision import native_half_matmul
+from litmodel.quantize import DecodeLinear
 
 
 def packable(weight: torch.Tensor) -> bool:
@@ -39,7 +40,7 @@ def packable(weight: torch.Tensor) -> bool:
         return False
     if weight.dtype == torch.float32:
         return True
-    return weight.dtype in (torch.bfloat16, torch.float16) and _native_half_matmul(weight.dtype)
+    return weight.dtype in (torch.bfloat16, torch.float16) and native_half_matmul(weight.dtype)
 
 
 class PackedLinear(nn.Module):

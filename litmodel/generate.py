@@ -24,10 +24,10 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from litmodel.precision import inference_dtype
+from litmodel.quantize import INFERENCE_QUANTIZE_MODES
 from litmodel.utils import LitModelError
 
-PRECISIONS = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
-QUANTIZE_MODES = ("int8", "int4")
 
 
 # ---- sampling --------------------------------------------------------------------------------------
@@ -478,23 +478,6 @@ def resolve_device(device: str | None = "auto") -> torch.device:
         raise LitModelError(f"unknown --device {device!r}; use auto, cpu or cuda[:N]") from None
 
 
-def resolve_precision(precision: str | None, device: torch.device) -> torch.dtype:
-    if precision is None:
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        from litmodel.quantize import _native_half_matmul
-
-        # bf16 halves the bytes read per token, but CPUs without bf16 instructions (AVX2) compute it ~10x slower
-        return torch.bfloat16 if _native_half_matmul(torch.bfloat16) else torch.float32
-    if precision not in PRECISIONS:
-        raise LitModelError(f"unknown --precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    return PRECISIONS[precision]
-
-
-def precision_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in PRECISIONS.items()}[dtype]
-
-
 @dataclass
 class Generation:
     """What `setup_generation` loads: the model and tokenizer plus the decode step to use."""
@@ -535,9 +518,9 @@ def setup_generation(checkpoint_dir: str | Path, device: str | None = "auto", pr
 
     t0 = time.perf_counter()
     dev = resolve_device(device)
-    dtype = resolve_precision(precision, dev)
-    if quantize is not None and quantize not in QUANTIZE_MODES:
-        raise LitModelError(f"unknown --quantize {quantize!r}; choose one of {', '.join(QUANTIZE_MODES)} (or omit it)")
+    dtype = inference_dtype(precision, dev)
+    if quantize is not None and quantize not in INFERENCE_QUANTIZE_MODES:
+        raise LitModelError(f"unknown --quantize {quantize!r}; choose one of {', '.join(INFERENCE_QUANTIZE_MODES)} (or omit it)")
     d = check_checkpoint_dir(checkpoint_dir)
     tokenizer = load_tokenizer(d)
     config = load_config(d)

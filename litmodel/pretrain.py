@@ -21,8 +21,9 @@ from litmodel.fabric import Fabric
 from litmodel.loggers import CSVLogger, TensorBoardLogger
 from litmodel.plot import write_loss_plot
 from litmodel.flops import train_flops_per_token
+from litmodel.precision import resolve_precision
 from litmodel.training import (EvalArgs, TrainArgs, accumulation_steps, build_optimizer, fit, language_model_loss,
-                               resolve_precision, resolve_resume, save_final_checkpoint)
+                               resolve_resume, save_final_checkpoint)
 from litmodel.utils import LitModelError
 
 

@@ -290,24 +290,6 @@ def cycle(loader: Iterable) -> Iterator:
         yield from loader
 
 
-def cpu_supports_fast_bf16() -> bool:
-    """True when oneDNN has native bfloat16 kernels here (AVX512-BF16/AMX); elsewhere bf16 matmuls
-    fall back to a reference path that is far slower than float32."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: str | None, accelerator: str) -> str:
-    """``auto``/None: bf16-mixed where the hardware runs bf16 fast, else 32-true."""
-    if precision not in (None, "auto"):
-        return precision
-    if accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available()):
-        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-    return "bf16-mixed" if cpu_supports_fast_bf16() else "32-true"
-
-
 def full_model_state(fabric, model: nn.Module) -> dict[str, torch.Tensor] | None:
     """The whole model's state dict on global rank 0 (None elsewhere), gathered shard by shard
     under FSDP (collective: every rank must call it)."""

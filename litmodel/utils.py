@@ -8,7 +8,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import torch
 
@@ -157,3 +157,16 @@ def tune_allocator() -> bool:
     if ok:
         os.environ["LITMODEL_ALLOCATOR_TUNED"] = "1"  # spawned workers (litmodel.fabric) do the same
     return bool(ok)
+
+
+def apply_to_tensors(data: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``data`` with ``fn`` applied to every tensor in it (nested lists, tuples, named tuples and mappings)."""
+    if isinstance(data, torch.Tensor):
+        return fn(data)
+    if isinstance(data, tuple) and hasattr(data, "_fields"):
+        return type(data)(*(apply_to_tensors(d, fn) for d in data))
+    if isinstance(data, (list, tuple)):
+        return type(data)(apply_to_tensors(d, fn) for d in data)
+    if isinstance(data, Mapping):
+        return type(data)((k, apply_to_tensors(v, fn)) for k, v in data.items())
+    return data

@@ -23,7 +23,8 @@ from typing import Literal, Optional
 import torch
 
 from litmodel.checkpoint import check_checkpoint_dir, load_model
-from litmodel.generate import PRECISIONS, load_tokenizer, resolve_device
+from litmodel.generate import load_tokenizer, resolve_device
+from litmodel.precision import INFERENCE_DTYPES
 from litmodel.scoring import perplexity
 from litmodel.utils import LitModelError, atomic_file, cli_main
 
@@ -91,7 +92,7 @@ def main(
     if batch_size is None:
         batch_size = 16 if dev.type == "cuda" else 4
     out_dir = Path(out_dir) if out_dir is not None else Path("out/evaluate") / checkpoint_dir.name
-    model = load_model(checkpoint_dir, device=dev, dtype=PRECISIONS[precision])
+    model = load_model(checkpoint_dir, device=dev, dtype=INFERENCE_DTYPES[precision])
     block_size = model.config.block_size
     if max_seq_length is not None and not 2 <= max_seq_length <= block_size:
         raise LitModelError(f"--max_seq_length must be between 2 and the model's block_size {block_size}, "

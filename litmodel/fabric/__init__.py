@@ -12,11 +12,12 @@ FabricDataLoader, RNG), ``checkpoint`` (checkpoint helpers, consolidation).
 
 from litmodel.fabric.checkpoint import consolidate_checkpoint, load_full_model_state
 from litmodel.fabric.core import Fabric
-from litmodel.fabric.environment import (ACCELERATORS, PRECISIONS, STRATEGIES, ClusterEnv, DDPStrategy, FSDPStrategy,
+from litmodel.fabric.environment import (ACCELERATORS, STRATEGIES, ClusterEnv, DDPStrategy, FSDPStrategy,
                                          WorkerError, _first_slurm_host, detect_cluster_env)
 from litmodel.fabric.wrappers import (FabricDataLoader, FabricModule, capture_rng_state, restore_rng_state,
                                       seed_everything)
 from litmodel.loggers import CSVLogger, Logger, TensorBoardLogger
+from litmodel.precision import PRECISIONS
 
 __all__ = [
     "Fabric", "DDPStrategy", "FSDPStrategy", "FabricModule", "FabricDataLoader", "ClusterEnv",

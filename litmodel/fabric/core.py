@@ -21,14 +21,14 @@ from torch.utils.data import (BatchSampler, DataLoader, DistributedSampler, Iter
                               SequentialSampler)
 
 from litmodel.fabric.checkpoint import _check_model_state, _check_plain, _set_nested, _swap_into_place, _top_key
-from litmodel.fabric.environment import (_CPU_PROCESSES_PER_CORE, _PRECISION_ALIASES, ACCELERATORS, PRECISIONS,
-                                         STRATEGIES, ClusterEnv, DDPStrategy, FSDPStrategy, _cpu_count,
+from litmodel.fabric.environment import (_CPU_PROCESSES_PER_CORE, ACCELERATORS, STRATEGIES, ClusterEnv, DDPStrategy, FSDPStrategy, _cpu_count,
                                          detect_cluster_env)
 from litmodel.fabric.launcher import _destroy_process_group, _spawn_and_supervise
-from litmodel.fabric.wrappers import (FabricDataLoader, FabricModule, _apply_to_tensors, _clean_name, _is_fsdp,
-                                      _Precision, _ResumableSampler, _unwrap, seed_everything)
+from litmodel.fabric.wrappers import (FabricDataLoader, FabricModule, _clean_name, _is_fsdp, _ResumableSampler, _unwrap,
+                                      seed_everything)
 from litmodel.loggers import Logger
-from litmodel.utils import LitModelError
+from litmodel.precision import Precision, check_precision
+from litmodel.utils import LitModelError, apply_to_tensors
 
 
 class Fabric:
@@ -58,13 +58,11 @@ class Fabric:
             raise LitModelError("accelerator='cuda' but no CUDA GPU is available; use accelerator='cpu'")
         self.accelerator = accelerator
 
-        precision = _PRECISION_ALIASES.get(precision, precision)
-        if precision not in PRECISIONS:
-            raise LitModelError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        precision = check_precision(precision)
         if accelerator == "cuda" and precision.startswith("bf16") and not torch.cuda.is_bf16_supported():
             raise LitModelError(f"precision={precision!r} needs a GPU with bfloat16 support (Ampere or newer); "
                                 "use precision='16-mixed' or '32-true'")
-        self._precision = _Precision(precision, accelerator)
+        self._precision = Precision(precision, accelerator)
 
         if isinstance(strategy, str):
             if strategy not in STRATEGIES:
@@ -444,7 +442,7 @@ class Fabric:
         self._require_launched()
         if isinstance(obj, nn.Module):
             return obj.to(self._device)
-        return _apply_to_tensors(obj, lambda t: t.to(self._device))
+        return apply_to_tensors(obj, lambda t: t.to(self._device))
 
     # ---------------------------------------------------------------- training step
     def autocast(self):

@@ -16,12 +16,6 @@ ACCELERATORS = ("auto", "cpu", "cuda")
 STRATEGIES = ("auto", "single", "ddp", "fsdp")
 
 
-PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
-
-
-_PRECISION_ALIASES = {32: "32-true", "32": "32-true", "bf16": "bf16-mixed", 16: "16-mixed", "16": "16-mixed"}
-
-
 _CPU_PROCESSES_PER_CORE = 4  # cpu: at most 4 processes per core (more is a typo, not a plan)
 
 

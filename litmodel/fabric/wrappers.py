@@ -1,55 +1,19 @@
-"""What ``Fabric.setup*`` returns and how it runs: precision contexts, the module and data-loader
-wrappers, RNG helpers."""
+"""What ``Fabric.setup*`` returns and how it runs: the module and data-loader wrappers, RNG helpers."""
 
 from __future__ import annotations
 
-import contextlib
 import random
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from litmodel.precision import Precision
+from litmodel.utils import apply_to_tensors
 
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
-
-
-def _apply_to_tensors(data: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    if isinstance(data, torch.Tensor):
-        return fn(data)
-    if isinstance(data, tuple) and hasattr(data, "_fields"):
-        return type(data)(*(_apply_to_tensors(d, fn) for d in data))
-    if isinstance(data, (list, tuple)):
-        return type(data)(_apply_to_tensors(d, fn) for d in data)
-    if isinstance(data, Mapping):
-        return type(data)((k, _apply_to_tensors(v, fn)) for k, v in data.items())
-    return data
-
-
-class _Precision:
-    def __init__(self, name: str, device_type: str) -> None:
-        self.name = name
-        self.device_type = device_type
-        low = torch.bfloat16 if name.startswith("bf16") else torch.float16
-        self.autocast_dtype = low if name.endswith("-mixed") else None
-        self.param_dtype = low if name in ("bf16-true", "16-true") else None
-
-    def forward_context(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
-
-    def convert_input(self, data: Any) -> Any:
-        if self.param_dtype is None:
-            return data
-        return _apply_to_tensors(data, lambda t: t.to(self.param_dtype) if t.is_floating_point() else t)
-
-    def convert_output(self, data: Any) -> Any:
-        if self.name == "32-true":
-            return data
-        return _apply_to_tensors(data, lambda t: t.float() if t.is_floating_point() and t.dtype != torch.float64 else t)
 
 
 class FabricModule(nn.Module):
@@ -58,7 +22,7 @@ class FabricModule(nn.Module):
     gives the original model's ``state_dict``/``named_parameters`` (no ``module.`` prefixes).
     ``.module`` is the original (for FSDP: the sharded) model."""
 
-    def __init__(self, forward_module: nn.Module, original_module: nn.Module, precision: _Precision) -> None:
+    def __init__(self, forward_module: nn.Module, original_module: nn.Module, precision: Precision) -> None:
         super().__init__()
         self._forward_module = forward_module
         self._original_module = original_module
@@ -182,7 +146,7 @@ class FabricDataLoader:
             next(iterator, None)
         for batch in iterator:
             self.batches_yielded += 1
-            yield _apply_to_tensors(batch, self._move) if self.device is not None else batch
+            yield apply_to_tensors(batch, self._move) if self.device is not None else batch
         self.epoch += 1
         self.batches_yielded = 0
 
