@@ -36,7 +36,7 @@ from litmodel import Config, build_model
 from litmodel.dpo import DPOArgs, DPOObjective, answer_logps, count_pairs
 from litmodel.fabric import Fabric
 from litmodel.lora import apply_lora, mark_only_lora_as_trainable
-from litmodel.training import TrainArgs, build_optimizer
+from litmodel.training_args import TrainArgs, build_optimizer
 
 
 def _status_kb(key: str) -> int:

@@ -48,7 +48,7 @@ from litmodel.fabric import Fabric
 from litmodel.flops import matmul_dtype, measure_matmul_flops, mfu, peak_flops, train_flops_per_token
 from litmodel.lora import apply_lora, mark_only_lora_as_trainable
 from litmodel.precision import native_half_matmul
-from litmodel.training import TrainArgs, build_optimizer
+from litmodel.training_args import TrainArgs, build_optimizer
 
 
 # ---- memory of one step (Linux) ------------------------------------------------------------------

@@ -45,7 +45,8 @@ def worker(model: str, precision: str, compile: bool, batch: int, seq: int, step
     from litmodel import build_model
     from litmodel.config import Config
     from litmodel.flops import mfu, peak_flops, train_flops_per_token
-    from litmodel.training import TrainArgs, build_optimizer, cross_entropy
+    from litmodel.losses import cross_entropy
+    from litmodel.training_args import TrainArgs, build_optimizer
     from litmodel.utils import tune_allocator
 
     if tuned:

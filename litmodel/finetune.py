@@ -1,184 +1,78 @@
 """The finetuning recipe (LoRA and full), shared by `finetune/lora.py` and `finetune/full.py`.
 
-Read it top to bottom: `finetune_lora` / `finetune_full` are the command-line entry points (their
-arguments are the flags); they check the inputs before any process starts or any file is written,
-then `fabric.launch(main, ...)`. `main` loads the checkpoint dir and the data, applies LoRA (or keeps
-every weight trainable), calls the training loop (`litmodel.training.fit`: loss per answer token over
-the global batch, accumulation, clipping, warmup + cosine schedule, validation with a greedy sample
-answer, logging, resumable checkpoints, resume), then writes ``out_dir/final/`` and ``loss.png``.
-The steps of `main` are functions (`prepare_run`, `setup_data`, `build_finetune_model`, `make_loaders`,
-`resume_hooks`, `write_final`) that the DPO recipe (`litmodel/finetune_dpo.py`) calls too.
+Read it top to bottom: `setup` parses the command line into `finetune_lora` / `finetune_full` (their
+arguments are the flags; groups, defaults and help: `litmodel.finetune_args`); they check the inputs before
+any process starts or any file is written, then `fabric.launch(main, ...)`. `main` loads the checkpoint dir
+and the data, applies LoRA (or keeps every weight trainable), calls the training loop
+(`litmodel.training.fit`: loss per answer token over the global batch, accumulation, clipping, warmup +
+cosine schedule, validation with a greedy sample answer, logging, resumable checkpoints, resume), then
+writes ``out_dir/final/`` and ``loss.png``. The steps of `main` are functions (`setup_data`,
+`build_finetune_model`, `make_loaders`, `resume_hooks`, `write_final`) that the DPO recipe
+(`litmodel/finetune_dpo.py`) calls too.
 
 Outputs (``out_dir``):
 
 * ``final/``: a checkpoint dir. LoRA: ``lora.safetensors`` + ``lora_config.yaml`` (which also names
   ``base_checkpoint_dir``) and, unless ``--merge false``, the merged ``model.safetensors`` +
   ``model_config.yaml`` + tokenizer files, so generate/*.py and scripts/convert_lit_checkpoint.py
-  use it as is. Full: ``model.safetensors`` + ``model_config.yaml`` + tokenizer files.
+  use it as is (written by `litmodel.lora_checkpoint`). Full: ``model.safetensors`` + ``model_config.yaml`` +
+  tokenizer files.
 * ``step-XXXXXX.pt`` (or a ``step-XXXXXX/`` DCP dir for full finetuning under FSDP): resumable state.
   LoRA saves only the trainable (LoRA) weights, gathered, plus the optimizer state, counters, RNG
-  and data position, so it is small and resumes on any number of processes.
+  and data position, so it is small and resumes on any number of processes (`litmodel.training_state`).
 * ``logs/metrics.csv`` (and/or ``tensorboard/``), ``samples.txt`` (the sample answers).
 """
 
 from __future__ import annotations
 
 import dataclasses
-
-import contextlib
 import math
-import shutil
-from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Literal, Optional, Union
 
 import torch
-import torch.nn as nn
 
-from litmodel.checkpoint import (CONFIG_FILE, MODEL_FILE, SAFETENSORS_DTYPES, check_checkpoint_dir, load_config,
-                                 load_model, model_state_for_saving, read_safetensors_header, save_safetensors)
-from litmodel.data.sft import IGNORE_INDEX, JSON, JSONData
+from litmodel.checkpoint import MODEL_FILE, SAFETENSORS_DTYPES, load_config, load_model, read_safetensors_header
+from litmodel.data.sft import IGNORE_INDEX, JSON, JSONData, load_records  # noqa: F401 (JSON: --data JSON)
 from litmodel.fabric import Fabric
+from litmodel.finetune_args import (FinetuneEvalArgs, FinetuneTrainArgs, LoRAArgs, RunSpec, check_quantize,
+                                    check_run_inputs, document_flags, full_train_defaults, lora_hparams,
+                                    lora_train_defaults, parse_args, prepare_run)
 from litmodel.flops import train_flops_per_token
-from litmodel.nf4 import load_model_nf4, nf4_model_nbytes, round_trip_nf4_
-from litmodel.lora import (LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, LoRAConfig, apply_lora, load_lora,
-                           mark_only_lora_as_trainable, merge_lora)
+from litmodel.generate import generate
+from litmodel.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable
+from litmodel.lora_checkpoint import write_lora_checkpoint
+from litmodel.losses import language_model_loss
+from litmodel.nf4 import load_model_nf4, nf4_model_nbytes
 from litmodel.plot import write_loss_plot
-from litmodel.precision import param_dtype, resolve_precision
-from litmodel.quantize import TRAINING_QUANTIZE_MODES
+from litmodel.precision import param_dtype
 from litmodel.sharded_checkpoint import fill_from_checkpoint
-from litmodel.training import (EvalArgs, TrainArgs, accumulation_steps, build_optimizer, fit, language_model_loss,
-                               resolve_resume, save_final_checkpoint)
-from litmodel.utils import LitModelError, atomic_dir
+from litmodel.tokenizer import Tokenizer
+from litmodel.training import fit
+from litmodel.training_args import TrainArgs, accumulation_steps, build_optimizer
+from litmodel.training_state import (load_lora_state, resolve_resume, save_final_checkpoint, save_lora_state,
+                                     trainable_state)
+from litmodel.utils import LitModelError
 
 
-
-# ---- argument groups -----------------------------------------------------------------------------
-@dataclass
-class FinetuneTrainArgs(TrainArgs):
-    """Optimisation hyperparameters (``--train.*``).
-
-    Args:
-        global_batch_size: Sequences per optimizer step, over all processes (accumulation fills the gap).
-        micro_batch_size: Sequences per forward/backward on one process.
-        max_tokens: Pretraining only; finetuning runs epochs (leave unset).
-        max_steps: Stop after this many optimizer steps (the LR schedule still spans the epochs when they are set,
-            so a run stopped here continues unchanged with --resume auto); alone, it sets the schedule length.
-        epochs: Passes over the training data; sets the length of the LR schedule.
-        max_seq_length: Longer examples are truncated (the count is reported); default: the model's block_size.
-        lr: Peak learning rate (AdamW).
-        min_lr: The cosine schedule decays to this at the end of the schedule.
-        warmup_steps: Linear warmup steps.
-        weight_decay: AdamW weight decay on matrices (not norms, biases, embeddings).
-        beta1: AdamW beta1.
-        beta2: AdamW beta2.
-        max_norm: Clip the global gradient norm to this; null disables clipping.
-        activation_checkpointing: Recompute each transformer block in the backward pass (less memory, ~30% more
-            compute).
-        log_interval: Optimizer steps between log lines.
-        save_interval: Optimizer steps between resumable checkpoints (the last step is always saved).
-    """
+# ---- the command line: parse, check, launch -------------------------------------------------------
+def setup(method: Literal["lora", "full"], argv: Optional[list[str]] = None, description: str = "") -> Path:
+    """Parse ``--config x.yaml`` and flags, then run `finetune_lora` or `finetune_full`."""
+    fn = finetune_lora if method == "lora" else finetune_full
+    return fn(**parse_args(fn, argv, description))
 
 
-@dataclass
-class FinetuneEvalArgs(EvalArgs):
-    """Validation (``--eval.*``): loss on the validation split and a greedy sample answer.
-
-    Args:
-        interval: Optimizer steps between validations.
-        max_iters: Validation batches per validation.
-        initial_validation: Also validate before the first step.
-        final_validation: Validate after the last step.
-        sample_prompt: Prompt of the sample answer printed at each validation (formatted like the training data);
-            default: the first validation record's prompt, shown with its expected answer.
-        max_new_tokens: Length limit of the sample answer; 0 disables sampling.
-        tasks: lm-evaluation-harness tasks run at each validation, e.g. arc_easy,piqa (needs the [eval] extra);
-            their metrics are logged next to the validation loss.
-        limit: Examples per task in those runs (a fraction if below 1; null: all of them).
-        include_path: A directory of your own task YAML files for --eval.tasks.
-    """
-
-    interval: int = 50
-    max_iters: int = 50
-    sample_prompt: Optional[str] = None
-    max_new_tokens: int = 64
-
-
-@dataclass
-class LoRAArgs:
-    """LoRA hyperparameters (``--lora.*``).
-
-    Args:
-        r: Rank of the low-rank update B @ A.
-        alpha: The update is scaled by alpha / r.
-        dropout: Dropout on the input of the LoRA branch.
-        targets: Comma-separated layers to adapt: query, key, value (slices of the fused qkv), projection
-            (attention output), mlp (both MLP matrices), head (output head).
-    """
-
-    r: int = 8
-    alpha: float = 16
-    dropout: float = 0.05
-    targets: str = "query,value"
-
-    def to_config(self) -> LoRAConfig:
-        return LoRAConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, targets=self.targets)
-
-
-def lora_train_defaults() -> FinetuneTrainArgs:
-    return FinetuneTrainArgs(global_batch_size=16, micro_batch_size=1, epochs=1, lr=3e-4, min_lr=0.0, warmup_steps=10,
-                     weight_decay=0.0, save_interval=200)
-
-
-def full_train_defaults() -> FinetuneTrainArgs:
-    return FinetuneTrainArgs(global_batch_size=16, micro_batch_size=1, epochs=1, lr=2e-5, min_lr=0.0, warmup_steps=10,
-                     weight_decay=0.02, save_interval=200)
-
-
-@dataclass
-class RunSpec:
-    """Everything `main` needs, in one picklable object (sent to spawned workers)."""
-
-    method: Literal["lora", "full"]
-    checkpoint_dir: Path
-    data: JSONData
-    out_dir: Path
-    train: TrainArgs
-    eval: FinetuneEvalArgs
-    resume: Union[bool, str]
-    seed: int
-    lora: Optional[LoRAConfig] = None
-    merge: bool = True
-    quantize: Optional[str] = None
-    hparams: dict = field(default_factory=dict)
-
-
-# ---- entry points (their arguments are the command-line flags) ------------------------------------
-_COMMON_DOC = """
-        checkpoint_dir: The model to finetune: a checkpoint dir (checkpoints/<org>/<name>) written by
-            scripts/download.py, scripts/convert_hf_checkpoint.py or pretraining.
-        data: The instruction/chat data: --data JSON --data.json_path FILE (.json list or .jsonl), with
-            --data.val_split_fraction, --data.prompt_style chat|alpaca (default: chat when the tokenizer has a chat
-            template), --data.packed (pack examples into full rows), --data.seed (validation split).
-        out_dir: Where logs, resumable step-XXXXXX checkpoints and the final checkpoint dir (out_dir/final) go.
-        precision: 32-true, bf16-mixed, bf16-true, 16-mixed, 16-true, or auto (bf16-mixed where the hardware runs
-            bf16 fast, else 32-true).
-        devices: Processes per node (GPUs, or CPU processes).
-        num_nodes: Nodes; several nodes are started by torchrun or srun.
-        strategy: auto (single or ddp), single, ddp or fsdp.
-        accelerator: cpu, cuda or auto.
-        resume: auto (the latest step checkpoint in out_dir), a step checkpoint path, or false (refuses an out_dir
-            that already holds a run).
-        seed: Seed for initialisation, dropout and data order.
-        logger: csv, tensorboard or both (under out_dir).
-        train: Batch sizes, epochs / max_steps (max_steps stops early; the LR schedule spans the epochs when they are
-            set, so a run stopped by max_steps continues unchanged with --resume auto), learning rate, warmup,
-            clipping, activation checkpointing, checkpoint interval. max_seq_length (default: the model's
-            block_size) truncates longer examples.
-        eval: Validation interval and size, and the greedy sample answer printed at each validation."""
-
-
+@document_flags(
+    "Finetune a model with LoRA: the base weights stay frozen, low-rank updates are learned.",
+    merge="Also write the merged model into out_dir/final (model.safetensors + model_config.yaml + tokenizer) so the "
+          "generate scripts use it as is; false keeps only the adapter and a pointer to the base model (merge later "
+          "with scripts/merge_lora.py).",
+    quantize="nf4 (alias bnb.nf4): QLoRA. The frozen base weights of the transformer blocks are stored in 4 bits "
+             "(NF4 with double-quantized scales, torchao), quantized while loading; LoRA, norms, embedding and head "
+             "stay in the training precision. About 1/7 of the fp32 memory for the quantized weights; CPU and GPU; "
+             "1 process, DDP or FSDP. out_dir/final's merged model is the dequantized base + the update, in the "
+             "base's dtype.")
 def finetune_lora(checkpoint_dir: Path, data: Optional[JSONData] = None, out_dir: Path = Path("out/finetune/lora"),
                   precision: str = "auto", devices: Union[int, str] = 1, num_nodes: int = 1, strategy: str = "auto",
                   accelerator: str = "auto", resume: Union[bool, str] = False, seed: int = 42,
@@ -190,20 +84,9 @@ def finetune_lora(checkpoint_dir: Path, data: Optional[JSONData] = None, out_dir
     return Path(out_dir) / "final"
 
 
-finetune_lora.__doc__ = """Finetune a model with LoRA: the base weights stay frozen, low-rank updates are learned.
-
-    Args:""" + _COMMON_DOC + """
-        lora: LoRA rank (r), alpha, dropout and targets (comma-separated: query, key, value, projection, mlp, head).
-        merge: Also write the merged model into out_dir/final (model.safetensors + model_config.yaml + tokenizer)
-            so the generate scripts use it as is; false keeps only the adapter and a pointer to the base model
-            (merge later with scripts/merge_lora.py).
-        quantize: nf4 (alias bnb.nf4): QLoRA. The frozen base weights of the transformer blocks are stored in 4 bits
-            (NF4 with double-quantized scales, torchao), quantized while loading; LoRA, norms, embedding and head stay
-            in the training precision. About 1/7 of the fp32 memory for the quantized weights; CPU and GPU; 1 process,
-            DDP or FSDP. out_dir/final's merged model is the dequantized base + the update, in the base's dtype.
-"""
-
-
+@document_flags(
+    "Finetune every weight of a model.",
+    quantize="Not available: a quantized base cannot be finetuned in full (use finetune/lora.py --quantize nf4).")
 def finetune_full(checkpoint_dir: Path, data: Optional[JSONData] = None, out_dir: Path = Path("out/finetune/full"),
                   precision: str = "auto", devices: Union[int, str] = 1, num_nodes: int = 1, strategy: str = "auto",
                   accelerator: str = "auto", resume: Union[bool, str] = False, seed: int = 42,
@@ -217,27 +100,14 @@ def finetune_full(checkpoint_dir: Path, data: Optional[JSONData] = None, out_dir
     return Path(out_dir) / "final"
 
 
-finetune_full.__doc__ = """Finetune every weight of a model.
-
-    Args:""" + _COMMON_DOC + """
-        quantize: Not available: a quantized base cannot be finetuned in full (use finetune/lora.py --quantize nf4).
-"""
-
-
 def _run(method: str, checkpoint_dir: Path, data: Optional[JSONData], out_dir: Path, precision: str,
          devices: Union[int, str], num_nodes: int, strategy: str, accelerator: str, resume: Union[bool, str],
          seed: int, logger: str, train: TrainArgs, eval: FinetuneEvalArgs, lora: Optional[LoRAArgs] = None,
          merge: bool = True, quantize: Optional[str] = None) -> None:
     """Check every input that can be checked here (so a mistake costs no process start and writes nothing),
     build the Fabric and launch `main`."""
-    from litmodel.data.sft import load_records
-    from litmodel.generate import load_tokenizer
-
     out_dir = Path(out_dir)
-    resolve_resume(out_dir, resume)  # refuse to overwrite another run
-    checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
-    load_tokenizer(checkpoint_dir)
-    config = load_config(checkpoint_dir)
+    checkpoint_dir, config = check_run_inputs(checkpoint_dir, out_dir, resume)
     if data is None:
         raise LitModelError("no finetuning data; pass --data JSON --data.json_path FILE (.json or .jsonl)")
     load_records(data.json_path)  # missing file / keys, empty dataset: one line naming the record and key
@@ -247,60 +117,15 @@ def _run(method: str, checkpoint_dir: Path, data: Optional[JSONData], out_dir: P
         check_tasks(eval.tasks, eval.limit, eval.include_path)
     lora_config = lora.to_config() if method == "lora" else None
     if quantize is not None:
-        quantize = _check_quantize(quantize)
+        quantize = check_quantize(quantize)
     fabric, hparams = prepare_run(checkpoint_dir, config, data, out_dir, precision, devices, num_nodes, strategy,
                                   accelerator, seed, logger, train, eval)
     hparams["method"] = method
     if lora_config is not None:
-        hparams.update({f"lora.{k}": str(v) for k, v in lora_config.to_dict().items()}, merge=merge,
-                       quantize=quantize)
-    spec = RunSpec(method, checkpoint_dir, data, out_dir, train, eval, resume, seed, lora_config, merge, quantize,
-                   hparams)
+        hparams.update(lora_hparams(lora_config, merge), quantize=quantize)
+    spec = RunSpec(method, checkpoint_dir, data, out_dir, train, eval, resume, seed, lora=lora_config, merge=merge,
+                   quantize=quantize, hparams=hparams)
     fabric.launch(main, spec)
-
-
-def prepare_run(checkpoint_dir: Path, config, data, out_dir: Path, precision: str, devices: Union[int, str],
-                num_nodes: int, strategy: str, accelerator: str, seed: int, logger: str, train: TrainArgs,
-                eval: EvalArgs) -> tuple[Fabric, dict]:
-    """What every finetuning recipe (SFT, DPO) checks and builds before launching: the run length and sequence
-    length flags, the precision, the loggers, the Fabric, the batch split; returns it and the common hparams."""
-    from litmodel.loggers import CSVLogger, TensorBoardLogger
-
-    if train.max_tokens is not None:
-        raise LitModelError("--train.max_tokens is a pretraining budget; finetuning runs --train.epochs "
-                            "(and stops early at --train.max_steps)")
-    if not train.epochs and not train.max_steps:
-        raise LitModelError("set --train.epochs or --train.max_steps (how long to finetune)")
-    if train.max_seq_length is not None and train.max_seq_length > config.block_size:
-        raise LitModelError(f"--train.max_seq_length {train.max_seq_length} exceeds the model's block_size "
-                            f"{config.block_size}; use at most {config.block_size}")
-    precision = resolve_precision(precision, accelerator)
-    loggers = []
-    if logger in ("csv", "both"):
-        loggers.append(CSVLogger(out_dir, name="logs"))
-    if logger in ("tensorboard", "both"):
-        loggers.append(TensorBoardLogger(out_dir, name="tensorboard"))
-    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
-                    precision=precision, loggers=loggers, activation_checkpointing=train.activation_checkpointing)
-    accumulation_steps(train, fabric.world_size)  # a global batch that does not divide fails here
-    hparams = dict(checkpoint_dir=str(checkpoint_dir), data=type(data).__name__,
-                   **{f"data.{k}": str(v) for k, v in vars(data).items() if not k.endswith("_dataset")
-                      and k not in ("tokenizer", "max_seq_length")},
-                   out_dir=str(out_dir), precision=precision, devices=fabric.devices, num_nodes=num_nodes,
-                   strategy=fabric.strategy, seed=seed, **{f"train.{k}": v for k, v in asdict(train).items()},
-                   **{f"eval.{k}": v for k, v in asdict(eval).items()})
-    return fabric, hparams
-
-
-def _check_quantize(quantize: str) -> str:
-    """The quantization mode of a --quantize value (one line for an unknown one or a missing torchao)."""
-    import importlib.util
-
-    if quantize not in TRAINING_QUANTIZE_MODES:
-        raise LitModelError(f"unknown --quantize {quantize!r}; choose nf4 (alias bnb.nf4) or leave it out")
-    if importlib.util.find_spec("torchao") is None:
-        raise LitModelError(f"--quantize {quantize} needs torchao: pip install torchao (the quant extra)")
-    return TRAINING_QUANTIZE_MODES[quantize]
 
 
 # ---- the recipe ----------------------------------------------------------------------------------
@@ -362,8 +187,6 @@ def setup_data(fabric: Fabric, checkpoint_dir: Path, data, train: TrainArgs, cut
     """(tokenizer, config, max_seq_length): the checkpoint's tokenizer and config, and ``data`` set up (read,
     split, tokenized) with its one-line description and the count of truncated examples printed. ``cut``: how
     they were truncated, for the note."""
-    from litmodel.tokenizer import Tokenizer
-
     tokenizer = Tokenizer(checkpoint_dir)
     config = load_config(checkpoint_dir)
     max_seq_length = train.max_seq_length or config.block_size
@@ -479,8 +302,6 @@ def sample_prompt(data: JSONData, prompt: Optional[str]) -> tuple[list[int], lis
 def print_sample(fabric: Fabric, model, tokenizer, sample: tuple[list[int], list[int]], max_new_tokens: int,
                  step: int, out_dir: Path) -> None:
     """Greedy answer to the fixed prompt. Under FSDP every rank runs it (the forward gathers shards)."""
-    from litmodel.generate import generate
-
     if not (fabric.strategy == "fsdp" or fabric.is_global_zero):
         return
     prompt, expected = sample
@@ -503,135 +324,3 @@ def print_sample(fabric: Fabric, model, tokenizer, sample: tuple[list[int], list
         fabric.print("\n".join(lines))
         with open(out_dir / "samples.txt", "a", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
-
-
-# ---- training state on disk ----------------------------------------------------------------------
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    """The trainable (LoRA) weights, gathered whole on CPU (collective under FSDP; filled on rank 0)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    sd = get_model_state_dict(model.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                     ignore_frozen_params=True))
-    return {k: v for k, v in sd.items() if k in trainable}  # DSD keeps a frozen tied head (lm_head.weight)
-
-
-def save_lora_state(fabric: Fabric, model, optimizer, path: Path, state: dict) -> None:
-    """The loop's `save_fn` for LoRA: ``state`` plus the gathered trainable weights and their optimizer state."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    state["lora_state"] = trainable_state(model)
-    with _allow_step(fabric):
-        state["optimizer_state"] = get_optimizer_state_dict(
-            model.module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    fabric.save(path, state)
-    state["lora_state"], state["optimizer_state"] = {}, {}
-
-
-def load_lora_state(fabric: Fabric, model, optimizer, lora: LoRAConfig, path: Path, state: dict) -> None:
-    """The loop's `load_fn` for LoRA: the counters into ``state``, the weights and optimizer state into place."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-
-    fabric.load(path, state)
-    if dict(state["lora_config"]) != lora.to_dict():
-        raise LitModelError(f"{path} was trained with LoRA {dict(state['lora_config'])} but this run asks for "
-                            f"{lora.to_dict()}; pass the same --lora.* (and --quantize) flags to resume it")
-    set_model_state_dict(model.module, dict(state["lora_state"]),
-                         options=StateDictOptions(full_state_dict=True, strict=False))
-    with _allow_step(fabric):
-        set_optimizer_state_dict(model.module, optimizer, dict(state["optimizer_state"]),
-                                 options=StateDictOptions(full_state_dict=True))
-    state["lora_state"], state["optimizer_state"] = {}, {}
-
-
-def _allow_step(fabric: Fabric):
-    """DSD may run a zero-lr optimizer step to create the state; 16-mixed guards optimizer.step()."""
-    return getattr(fabric, "_allow_step", contextlib.nullcontext)()
-
-
-# ---- LoRA checkpoint dirs: adapter, base pointer, merging ------------------------------------------
-def write_lora_checkpoint(out_dir: Path, lora_state: dict[str, torch.Tensor], lora: LoRAConfig,
-                          base_checkpoint_dir: Path, merge: bool = True) -> Path:
-    """Write ``out_dir`` atomically: the adapter (``lora.safetensors``, ``lora_config.yaml`` naming the base)
-    and, with ``merge``, the merged checkpoint (the same code as scripts/merge_lora.py)."""
-    with atomic_dir(out_dir) as tmp:
-        save_safetensors({k: v for k, v in lora_state.items()}, tmp / LORA_WEIGHTS_FILE)
-        write_lora_config(tmp, lora, base_checkpoint_dir)
-        if merge:
-            write_merged(tmp, base_checkpoint_dir, tmp)
-    return Path(out_dir)
-
-
-def write_lora_config(d: Path, lora: LoRAConfig, base_checkpoint_dir: Optional[Path]) -> None:
-    base = str(base_checkpoint_dir) if base_checkpoint_dir is not None else None
-    dataclasses.replace(lora, base_checkpoint_dir=base).to_yaml(Path(d) / LORA_CONFIG_FILE)
-
-
-def read_lora_config(lora_dir: Path) -> tuple[LoRAConfig, Optional[str]]:
-    """The LoRA config of ``lora_dir`` and the base checkpoint dir it names (None if it names none)."""
-    cfg = LoRAConfig.from_yaml(Path(lora_dir) / LORA_CONFIG_FILE)
-    return cfg, cfg.base_checkpoint_dir
-
-
-def merged_model(base_checkpoint_dir: Path, lora_dir: Path) -> nn.Module:
-    """The base model (in its stored dtype, on CPU) with the adapter of ``lora_dir`` folded in. A QLoRA adapter
-    (``quantize: nf4`` in its config) is folded into the NF4-rounded base it was trained against."""
-    model = load_model(base_checkpoint_dir)
-    if LoRAConfig.from_yaml(Path(lora_dir) / LORA_CONFIG_FILE).quantize == "nf4":
-        round_trip_nf4_(model)
-    load_lora(model, lora_dir)
-    return merge_lora(model)
-
-
-def write_merged(lora_dir: Path, base_checkpoint_dir: Path, out_dir: Path) -> None:
-    """Write the merged model's files (weights, model_config.yaml, tokenizer) into the existing dir ``out_dir``."""
-    from litmodel.tokenizer import copy_tokenizer_files
-
-    model = merged_model(base_checkpoint_dir, lora_dir)
-    save_safetensors(model_state_for_saving(model), Path(out_dir) / MODEL_FILE)
-    model.config.to_yaml(Path(out_dir) / CONFIG_FILE)
-    copy_tokenizer_files(base_checkpoint_dir, out_dir)
-
-
-def merge_lora_checkpoint(checkpoint_dir: Path, base_checkpoint_dir: Optional[Path] = None,
-                          out_dir: Optional[Path] = None) -> Path:
-    """Merge the adapter in ``checkpoint_dir`` into its base and write a complete checkpoint dir to ``out_dir``
-    (default: ``checkpoint_dir`` itself, replaced atomically; the adapter files are kept)."""
-    checkpoint_dir = Path(checkpoint_dir)
-    if not checkpoint_dir.is_dir():
-        raise LitModelError(f"{checkpoint_dir} does not exist; pass the out_dir/final of a LoRA finetuning run")
-    if not (checkpoint_dir / LORA_WEIGHTS_FILE).is_file():
-        raise LitModelError(f"{checkpoint_dir} has no {LORA_WEIGHTS_FILE}; pass the out_dir/final of a LoRA "
-                            "finetuning run")
-    lora_cfg, named_base = read_lora_config(checkpoint_dir)
-    base = base_checkpoint_dir or named_base
-    if base is None:
-        raise LitModelError(f"{checkpoint_dir / LORA_CONFIG_FILE} names no base model; pass --base_checkpoint_dir")
-    base = Path(base)
-    if not base.is_dir():
-        hint = "" if base_checkpoint_dir else f" (named by {checkpoint_dir / LORA_CONFIG_FILE})"
-        raise LitModelError(f"base checkpoint dir {base}{hint} does not exist; pass --base_checkpoint_dir")
-    check_checkpoint_dir(base)
-    if base.resolve() == checkpoint_dir.resolve():
-        raise LitModelError(f"--base_checkpoint_dir {base} is the LoRA dir itself; pass the model it was trained on")
-    out_dir = Path(out_dir) if out_dir is not None else checkpoint_dir
-    with atomic_dir(out_dir) as tmp:
-        shutil.copy2(checkpoint_dir / LORA_WEIGHTS_FILE, tmp / LORA_WEIGHTS_FILE)
-        write_lora_config(tmp, lora_cfg, base)
-        write_merged(tmp, base, tmp)
-    return out_dir
-
-
-# ---- the command line ----------------------------------------------------------------------------
-def parse_args(fn, argv: Optional[list[str]] = None, description: str = "") -> dict:
-    """The keyword arguments of ``fn`` from the command line (classes instantiated)."""
-    from litmodel.cli import parse_function_args
-
-    return parse_function_args(fn, argv, description, instantiate=True)
-
-
-def setup(method: Literal["lora", "full"], argv: Optional[list[str]] = None, description: str = "") -> Path:
-    """Parse ``--config x.yaml`` and flags, then run `finetune_lora` or `finetune_full`."""
-    fn = finetune_lora if method == "lora" else finetune_full
-    return fn(**parse_args(fn, argv, description))

@@ -1,6 +1,7 @@
 """The preference-tuning recipe (DPO, with LoRA or full finetuning) behind `finetune/dpo.py`.
 
-Read it top to bottom: `finetune_dpo` is the command-line entry point (its arguments are the flags); it checks
+Read it top to bottom: `setup` parses the command line into `finetune_dpo` (its arguments are the flags; the
+groups, defaults and help it shares with SFT: `litmodel.finetune_args`); it checks
 the inputs before any process starts or any file is written, then `fabric.launch(main, ...)`. `main` loads the
 checkpoint dir and the preference pairs, applies LoRA (or keeps every weight trainable), sets up the reference
 model, and runs the one training loop (`litmodel.training.fit`) with DPO's loss (`litmodel.dpo`), then writes
@@ -20,97 +21,61 @@ Per step and at each validation the loop logs the DPO loss and, as TRL names the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
 
 import torch
 
-from litmodel.checkpoint import check_checkpoint_dir, load_config, load_model
+from litmodel.checkpoint import load_model
 from litmodel.data.preference import JSON, PreferenceData, load_preference_records  # noqa: F401 (JSON: --data JSON)
-from litmodel.dpo import METRICS, DPOArgs, DPOObjective, count_pairs, precompute_reference
+from litmodel.dpo import DPOArgs, DPOObjective, count_pairs, precompute_reference
 from litmodel.fabric import Fabric
-from litmodel.finetune import (FinetuneEvalArgs, FinetuneTrainArgs, LoRAArgs, build_finetune_model, make_loaders,
-                               prepare_run, print_sample, resume_hooks, setup_data, write_final)
+from litmodel.finetune import build_finetune_model, make_loaders, print_sample, resume_hooks, setup_data, write_final
+from litmodel.finetune_args import (FinetuneEvalArgs, FinetuneTrainArgs, LoRAArgs, RunSpec, check_run_inputs,
+                                    document_flags, dpo_train_defaults, lora_hparams, parse_args, prepare_run)
+from litmodel.flops import forward_flops_per_token, train_flops_per_token
 from litmodel.plot import write_loss_plot
 from litmodel.precision import param_dtype
 from litmodel.sharded_checkpoint import fill_from_checkpoint
-from litmodel.lora import LoRAConfig
-from litmodel.flops import forward_flops_per_token, train_flops_per_token
-from litmodel.training import build_optimizer, fit, resolve_resume
+from litmodel.training import fit
+from litmodel.training_args import build_optimizer
+from litmodel.training_state import resolve_resume
 from litmodel.utils import LitModelError
 
 
-def dpo_train_defaults() -> FinetuneTrainArgs:
-    # pairs per step; TRL's default learning rate (1e-6) is for full finetuning, LoRA takes larger steps
-    return FinetuneTrainArgs(global_batch_size=16, micro_batch_size=1, epochs=1, lr=5e-5, min_lr=0.0, warmup_steps=10,
-                             weight_decay=0.0, save_interval=200)
+def setup(argv: Optional[list[str]] = None, description: str = "") -> Path:
+    """Parse ``--config x.yaml`` and flags, then run `finetune_dpo`."""
+    return finetune_dpo(**parse_args(finetune_dpo, argv, description))
 
 
-@dataclass
-class DPORunSpec:
-    """Everything `main` needs, in one picklable object (sent to spawned workers)."""
-
-    method: Literal["lora", "full"]
-    checkpoint_dir: Path
-    data: PreferenceData
-    out_dir: Path
-    train: FinetuneTrainArgs
-    eval: FinetuneEvalArgs
-    dpo: DPOArgs
-    resume: Union[bool, str]
-    seed: int
-    lora: Optional[LoRAConfig] = None
-    merge: bool = True
-    hparams: dict = field(default_factory=dict)
-
-
+@document_flags(
+    "Preference-tune a model with DPO (direct preference optimisation) on prompt / chosen / rejected pairs.",
+    checkpoint_dir="The model to tune (usually an SFT'd chat model): a checkpoint dir written by scripts/download.py, "
+                   "scripts/convert_hf_checkpoint.py or a finetuning run (its out_dir/final).",
+    data='The preference pairs: --data JSON --data.json_path FILE (.json list or .jsonl) of records {"prompt", '
+         '"chosen", "rejected"} (prompt: a string or chat messages; chosen/rejected: strings or assistant messages), '
+         "with --data.val_split_fraction, --data.prompt_style chat|alpaca, --data.seed.",
+    method="lora (adapters on frozen weights; the reference is the base with adapters disabled) or full (every "
+           "weight; the reference is a frozen copy, or precomputed log-probs with --dpo.precompute_reference true). "
+           "The default --train.lr 5e-5 suits LoRA; full finetuning wants far smaller steps (TRL's default: 1e-6).",
+    train="Batch sizes in PAIRS (each pair is two sequences, chosen and rejected, in one forward), epochs / "
+          "max_steps, learning rate, warmup, clipping, activation checkpointing, checkpoint interval. max_seq_length "
+          "(default: the model's block_size) cuts longer pairs, prompt first.",
+    eval="Validation interval and size (DPO loss, reward accuracy and margins on the validation pairs), and the "
+         "greedy sample answer to the first validation prompt.",
+    dpo="beta (strength of the pull towards the reference), loss (sigmoid or ipo), label_smoothing (conservative "
+        "DPO), precompute_reference (full finetuning without a second copy of the model).",
+    lora="LoRA rank (r), alpha, dropout and targets (comma-separated: query, key, value, projection, mlp, head); "
+         "--method lora only.",
+    merge="LoRA: also write the merged model into out_dir/final so every other script reads it as is.")
 def finetune_dpo(checkpoint_dir: Path, data: Optional[PreferenceData] = None, out_dir: Path = Path("out/finetune/dpo"),
                  method: Literal["lora", "full"] = "lora", precision: str = "auto", devices: Union[int, str] = 1,
                  num_nodes: int = 1, strategy: str = "auto", accelerator: str = "auto",
                  resume: Union[bool, str] = False, seed: int = 42, logger: Literal["csv", "tensorboard", "both"] = "csv",
                  train: FinetuneTrainArgs = dpo_train_defaults(), eval: FinetuneEvalArgs = FinetuneEvalArgs(),
                  dpo: DPOArgs = DPOArgs(), lora: LoRAArgs = LoRAArgs(), merge: bool = True) -> Path:
-    """Preference-tune a model with DPO (direct preference optimisation) on prompt / chosen / rejected pairs.
-
-    Args:
-        checkpoint_dir: The model to tune (usually an SFT'd chat model): a checkpoint dir written by
-            scripts/download.py, scripts/convert_hf_checkpoint.py or a finetuning run (its out_dir/final).
-        data: The preference pairs: --data JSON --data.json_path FILE (.json list or .jsonl) of records
-            {"prompt", "chosen", "rejected"} (prompt: a string or chat messages; chosen/rejected: strings or
-            assistant messages), with --data.val_split_fraction, --data.prompt_style chat|alpaca, --data.seed.
-        out_dir: Where logs, resumable step-XXXXXX checkpoints and the final checkpoint dir (out_dir/final) go.
-        method: lora (adapters on frozen weights; the reference is the base with adapters disabled) or full (every
-            weight; the reference is a frozen copy, or precomputed log-probs with --dpo.precompute_reference true).
-            The default --train.lr 5e-5 suits LoRA; full finetuning wants far smaller steps (TRL's default: 1e-6).
-        precision: 32-true, bf16-mixed, bf16-true, 16-mixed, 16-true, or auto (bf16-mixed where the hardware runs
-            bf16 fast, else 32-true).
-        devices: Processes per node (GPUs, or CPU processes).
-        num_nodes: Nodes; several nodes are started by torchrun or srun.
-        strategy: auto (single or ddp), single, ddp or fsdp.
-        accelerator: cpu, cuda or auto.
-        resume: auto (the latest step checkpoint in out_dir), a step checkpoint path, or false (refuses an out_dir
-            that already holds a run).
-        seed: Seed for initialisation, dropout and data order.
-        logger: csv, tensorboard or both (under out_dir).
-        train: Batch sizes in PAIRS (each pair is two sequences, chosen and rejected, in one forward), epochs /
-            max_steps, learning rate, warmup, clipping, activation checkpointing, checkpoint interval.
-            max_seq_length (default: the model's block_size) cuts longer pairs, prompt first.
-        eval: Validation interval and size (DPO loss, reward accuracy and margins on the validation pairs), and the
-            greedy sample answer to the first validation prompt.
-        dpo: beta (strength of the pull towards the reference), loss (sigmoid or ipo), label_smoothing
-            (conservative DPO), precompute_reference (full finetuning without a second copy of the model).
-        lora: LoRA rank (r), alpha, dropout and targets (comma-separated: query, key, value, projection, mlp, head);
-            --method lora only.
-        merge: LoRA: also write the merged model into out_dir/final so every other script reads it as is.
-    """
-    from litmodel.generate import load_tokenizer
-
     out_dir = Path(out_dir)
-    resolve_resume(out_dir, resume)  # refuse to overwrite another run
-    checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
-    load_tokenizer(checkpoint_dir)
-    config = load_config(checkpoint_dir)
+    checkpoint_dir, config = check_run_inputs(checkpoint_dir, out_dir, resume)
     if method not in ("lora", "full"):
         raise LitModelError(f"unknown --method {method!r}; choose lora or full")
     if data is None:
@@ -123,14 +88,14 @@ def finetune_dpo(checkpoint_dir: Path, data: Optional[PreferenceData] = None, ou
     lora_config = lora.to_config() if method == "lora" else None
     hparams.update(method=method, **{f"dpo.{k}": v for k, v in vars(dpo).items()})
     if lora_config is not None:
-        hparams.update({f"lora.{k}": str(v) for k, v in lora_config.to_dict().items()}, merge=merge)
-    spec = DPORunSpec(method, checkpoint_dir, data, out_dir, train, eval, dpo, resume, seed, lora_config, merge,
-                      hparams)
+        hparams.update(lora_hparams(lora_config, merge))
+    spec = RunSpec(method, checkpoint_dir, data, out_dir, train, eval, resume, seed, lora=lora_config, merge=merge,
+                   dpo=dpo, hparams=hparams)
     fabric.launch(main, spec)
     return out_dir / "final"
 
 
-def main(fabric: Fabric, spec: DPORunSpec) -> None:
+def main(fabric: Fabric, spec: RunSpec) -> None:
     train, out_dir = spec.train, Path(spec.out_dir)
     resume_from = resolve_resume(out_dir, spec.resume)
     fabric.seed_everything(spec.seed)
@@ -204,13 +169,3 @@ def load_reference_copy(fabric: Fabric, checkpoint_dir: Path) -> torch.nn.Module
             ref = fabric.setup(ref)
         fill_from_checkpoint(ref, checkpoint_dir)
     return ref.requires_grad_(False).eval()
-
-
-def setup(argv: Optional[list[str]] = None, description: str = "") -> Path:
-    """Parse ``--config x.yaml`` and flags, then run `finetune_dpo`."""
-    from litmodel.finetune import parse_args
-
-    return finetune_dpo(**parse_args(finetune_dpo, argv, description))
-
-
-__all__ = ["METRICS", "DPORunSpec", "dpo_train_defaults", "finetune_dpo", "main", "setup"]

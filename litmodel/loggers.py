@@ -16,7 +16,7 @@ import torch
 
 from litmodel.utils import atomic_file
 
-__all__ = ["Logger", "CSVLogger", "TensorBoardLogger"]
+__all__ = ["Logger", "CSVLogger", "TensorBoardLogger", "build_loggers"]
 
 
 def _to_number(value: Any) -> Any:
@@ -114,7 +114,7 @@ class TensorBoardLogger(Logger):
     @property
     def experiment(self):
         if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # deferred: tensorboard is optional, slow to import
 
             self.log_dir.mkdir(parents=True, exist_ok=True)
             self._writer = SummaryWriter(log_dir=str(self.log_dir))
@@ -141,3 +141,14 @@ class TensorBoardLogger(Logger):
         state = self.__dict__.copy()
         state["_writer"] = None
         return state
+
+
+def build_loggers(out_dir: str | os.PathLike, logger: str) -> list[Logger]:
+    """The loggers a recipe's ``--logger csv|tensorboard|both`` asks for: ``out_dir/logs`` (CSV) and/or
+    ``out_dir/tensorboard``."""
+    loggers: list[Logger] = []
+    if logger in ("csv", "both"):
+        loggers.append(CSVLogger(out_dir, name="logs"))
+    if logger in ("tensorboard", "both"):
+        loggers.append(TensorBoardLogger(out_dir, name="tensorboard"))
+    return loggers

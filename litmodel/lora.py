@@ -1,8 +1,10 @@
-"""Low-rank adaptation (LoRA) for both model families, without touching the model files.
+"""Low-rank adaptation (LoRA) layers for every model family, applying them to a model and merging them back,
+without touching the model files. The LoRA dir on disk (write, read, merge into a checkpoint dir) is
+`litmodel.lora_checkpoint`.
 
 ```python
-from litmodel.lora import (LoRAConfig, apply_lora, disable_adapters, mark_only_lora_as_trainable, merge_lora,
-                           save_lora, load_lora)
+from litmodel.lora import LoRAConfig, apply_lora, disable_adapters, mark_only_lora_as_trainable, merge_lora
+from litmodel.lora_checkpoint import save_lora, load_lora
 
 cfg = LoRAConfig(r=8, alpha=16, dropout=0.05, targets=("query", "value"))
 apply_lora(model, **cfg.to_dict())           # swaps the chosen nn.Linear layers for LoRALinear, in place
@@ -43,19 +45,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
+from litmodel.layers import CausalSelfAttention, grouped_mm
+from litmodel.llama import GroupedLinear, MoE, SwiGLU
 from litmodel.nf4 import NF4Linear, dequantize_nf4, is_nf4, nf4_linear
 from litmodel.utils import LitModelError, atomic_file
 
-LORA_WEIGHTS_FILE = "lora.safetensors"
-LORA_CONFIG_FILE = "lora_config.yaml"
 TARGETS = ("query", "key", "value", "projection", "mlp", "head")
 _QKV = ("query", "key", "value")
 
 __all__ = [
-    "LORA_CONFIG_FILE", "LORA_WEIGHTS_FILE", "TARGETS", "LoRAConfig", "LoRAGroupedLinear", "LoRALinear", "apply_lora",
-    "disable_adapters",
-    "load_lora",
-    "lora_modules", "lora_state_dict", "mark_only_lora_as_trainable", "merge_lora", "save_lora",
+    "TARGETS", "LoRAConfig", "LoRAGroupedLinear", "LoRALinear", "apply_lora", "disable_adapters", "lora_modules",
+    "lora_state_dict", "mark_only_lora_as_trainable", "merge_lora", "remove_lora",
 ]
 
 
@@ -241,8 +241,6 @@ class LoRAGroupedLinear(nn.Module):
         nn.init.zeros_(self.lora_B)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        from litmodel.layers import grouped_mm
-
         out = grouped_mm(x, self.weight, counts)
         if self.disabled:
             return out
@@ -267,9 +265,6 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def _plan(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[str, list[tuple[int, bool]] | None]]:
     """(module name, segments) of every linear layer the targets select, for GPT and Llama models."""
-    from litmodel.layers import CausalSelfAttention
-    from litmodel.llama import MoE, SwiGLU
-
     plan: list[tuple[str, list[tuple[int, bool]] | None]] = []
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
@@ -305,8 +300,6 @@ def apply_lora(model: nn.Module, targets: str | Iterable[str] = ("query", "value
     (``attn.proj``), "mlp" (``mlp.fc`` and ``mlp.proj``), "head" (``lm_head``), as a sequence or a
     comma-separated string. The model's output is unchanged until ``lora_B`` is trained.
     """
-    from litmodel.llama import GroupedLinear
-
     targets = _parse_targets(targets)
     _check_hparams(r, alpha, dropout)
     plan = _plan(model, targets)
@@ -399,16 +392,14 @@ def merge_lora(model: nn.Module) -> nn.Module:
             W.copy_((W.float() + delta).to(W.dtype))
             new_w = W
         m.weight = new_w
-    _remove_lora(model)
+    remove_lora(model)
     if untied and getattr(model, "config", None) is not None and getattr(model.config, "tie_embeddings", False):
         model.config = model.config.replace(tie_embeddings=False)
     return model
 
 
-def _remove_lora(model: nn.Module) -> None:
+def remove_lora(model: nn.Module) -> None:
     """Undo `apply_lora` without merging: plain nn.Linear layers with the same weight/bias Parameters."""
-    from litmodel.llama import GroupedLinear
-
     for name, m in lora_modules(model).items():
         if isinstance(m, LoRAGroupedLinear):
             grouped = GroupedLinear(1, m.in_features, m.out_features).to("meta")
@@ -421,83 +412,3 @@ def _remove_lora(model: nn.Module) -> None:
         if m.bias is not None:
             linear.bias = m.bias
         _set_submodule(model, name, linear)
-
-
-# ---- saving and loading --------------------------------------------------------------------------
-def _config_of(model: nn.Module, lora_config: LoRAConfig | dict | None) -> LoRAConfig:
-    mods = lora_modules(model)
-    if not mods:
-        raise LitModelError("the model has no LoRA layers; nothing to save (call apply_lora first)")
-    if lora_config is None:
-        raise LitModelError("save_lora needs the LoRAConfig the model was adapted with")
-    cfg = lora_config if isinstance(lora_config, LoRAConfig) else LoRAConfig(**lora_config)
-    for name, m in mods.items():
-        if (m.r, m.alpha, m.dropout) != (cfg.r, cfg.alpha, cfg.dropout):
-            raise LitModelError(f"{name} has r={m.r}, alpha={m.alpha}, dropout={m.dropout} but the LoRA config says "
-                                f"r={cfg.r}, alpha={cfg.alpha}, dropout={cfg.dropout}; pass the config used in apply_lora")
-    return cfg
-
-
-def save_lora(path_dir: str | os.PathLike, model: nn.Module, lora_config: LoRAConfig | dict | None) -> Path:
-    """Write ``lora.safetensors`` (only LoRA weights) and ``lora_config.yaml`` into ``path_dir``.
-
-    Both go to temporary names first and are renamed only once both are complete; other files in
-    ``path_dir`` (e.g. a checkpoint's ``model.safetensors``) are left alone.
-    """
-    from safetensors.torch import save_file
-
-    cfg = _config_of(model, lora_config)
-    out = Path(path_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in lora_state_dict(model).items()}
-    with atomic_file(out / LORA_WEIGHTS_FILE) as tmp_w, atomic_file(out / LORA_CONFIG_FILE) as tmp_c:
-        save_file(tensors, str(tmp_w), metadata={"format": "pt"})
-        tmp_c.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return out
-
-
-def load_lora(model: nn.Module, path_dir: str | os.PathLike) -> nn.Module:
-    """Apply LoRA to a base ``model`` as ``path_dir/lora_config.yaml`` says and load ``lora.safetensors``.
-
-    Tensors are cast to the LoRA parameters' dtype and device. Raises a one-line `LitModelError`
-    naming the tensor when one is missing, unexpected, or has a shape that does not fit the model.
-    """
-    from litmodel.checkpoint import mmap_safetensors
-
-    d = Path(path_dir)
-    weights = d / LORA_WEIGHTS_FILE
-    if not d.is_dir():
-        raise LitModelError(f"LoRA dir {d} does not exist; pass the out dir of a LoRA finetuning run")
-    cfg = LoRAConfig.from_yaml(d / LORA_CONFIG_FILE)
-    if not weights.is_file():
-        raise LitModelError(f"{weights} does not exist; pass the out dir of a LoRA finetuning run")
-    if lora_modules(model):
-        raise LitModelError("the model already has LoRA layers; load_lora needs a base model")
-    state = mmap_safetensors(weights)
-    apply_lora(model, targets=cfg.targets, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout)
-    try:
-        _check_lora_tensors(model, state, cfg, weights)
-    except LitModelError:
-        _remove_lora(model)  # leave the caller's base model as it was
-        raise
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, t in state.items():
-            params[name].copy_(t.to(dtype=params[name].dtype))
-    return model
-
-
-def _check_lora_tensors(model: nn.Module, state: dict[str, torch.Tensor], cfg: LoRAConfig, weights: Path) -> None:
-    expected = lora_state_dict(model)
-    for name, t in state.items():
-        if name not in expected:
-            raise LitModelError(f"{weights}: unexpected tensor {name!r}; the adapter does not belong to this base "
-                                f"model or to targets {list(cfg.targets)} in {LORA_CONFIG_FILE}")
-        if tuple(t.shape) != tuple(expected[name].shape):
-            raise LitModelError(f"{weights}: tensor {name!r} has shape {tuple(t.shape)} but the base model with "
-                                f"r={cfg.r}, targets {list(cfg.targets)} needs {tuple(expected[name].shape)}; the adapter "
-                                f"was trained for another base model, rank or targets")
-    missing = [n for n in expected if n not in state]
-    if missing:
-        raise LitModelError(f"{weights}: tensor {missing[0]!r} is missing ({len(missing)} missing in all); "
-                            f"the file does not match targets {list(cfg.targets)} in {LORA_CONFIG_FILE}")

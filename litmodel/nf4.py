@@ -45,7 +45,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from litmodel import build_meta_model
-from litmodel.checkpoint import MODEL_FILE, check_checkpoint_dir, load_config, model_state_for_saving
+from litmodel.checkpoint import MODEL_FILE, check_checkpoint_dir, check_state_dict, load_config
+from litmodel.hf import TensorSource
 from litmodel.utils import LitModelError
 
 BLOCK_SIZE = 64  # weights per absmax scale (QLoRA)
@@ -193,26 +194,14 @@ def load_model_nf4(checkpoint_dir: str | Path, device: str | torch.device = "cpu
     memory is the NF4 model plus about the largest tensor. ``shards``: the number of FSDP ranks the
     weights will be split over (the NF4 blocks must not straddle shards). Every parameter is frozen.
     """
-    from litmodel.hf import TensorSource
-
     d = check_checkpoint_dir(checkpoint_dir)
     config = load_config(d)
     device = torch.device(device)
     model = build_meta_model(config)
     quantized = set(nf4_linear_names(model))
-    expected = model_state_for_saving(model)
     source = TensorSource.from_safetensors_files([d / MODEL_FILE], str(d / MODEL_FILE))
     infos = source.infos
-    for name, info in infos.items():
-        if name not in expected:
-            raise LitModelError(f"{d / MODEL_FILE}: unexpected tensor {name!r}; the file does not belong to this "
-                                "model config")
-        if tuple(info.shape) != tuple(expected[name].shape):
-            raise LitModelError(f"{d / MODEL_FILE}: tensor {name!r} has shape {tuple(info.shape)} but the config "
-                                f"needs {tuple(expected[name].shape)}; the weights do not match model_config.yaml")
-    missing = [n for n in expected if n not in infos]
-    if missing:
-        raise LitModelError(f"{d / MODEL_FILE}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+    check_state_dict(model, infos, str(d / MODEL_FILE))  # names and shapes, before anything is read
     buffer = torch.empty(max((i.nbytes for i in infos.values()), default=0), dtype=torch.uint8)
     try:
         for name, info in infos.items():
@@ -225,11 +214,12 @@ def load_model_nf4(checkpoint_dir: str | Path, device: str | torch.device = "cpu
             else:
                 t = t.to(device=device, dtype=target, copy=True)  # own memory: the buffer is reused
             _set_tensor(model, name, t)
-            if is_nf4(t):
-                model.get_submodule(name.rpartition(".")[0]).__class__ = NF4Linear
     finally:
         source.close()
     del buffer
+    for module_name, module in list(model.named_modules()):  # NF4 weights compute through NF4Linear's forward
+        if type(module) is nn.Linear and is_nf4(module.weight):
+            model.set_submodule(module_name, NF4Linear.from_linear(module))
     if config.tie_embeddings:
         model.lm_head.weight = model.wte.weight
     for p in model.parameters():
@@ -313,6 +303,15 @@ def nf4_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 
 class NF4Linear(nn.Linear):
     """An ``nn.Linear`` whose frozen weight is an NF4Tensor (same names and state dict as the layer it replaces)."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module) -> "NF4Linear":
+        """A new layer holding ``linear``'s own ``weight`` and ``bias`` Parameters (built on meta: no copy)."""
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        layer.weight = linear.weight
+        if linear.bias is not None:
+            layer.bias = linear.bias
+        return layer.train(linear.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nf4_linear(x, self.weight, self.bias)

@@ -36,7 +36,8 @@ import torch
 from litmodel.checkpoint import load_config, mmap_safetensors
 from litmodel.config import Config
 from litmodel.convert import _transpose, lit_to_hf_plan
-from litmodel.lora import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, LoRAConfig
+from litmodel.lora import LoRAConfig
+from litmodel.lora_checkpoint import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, write_lora_checkpoint
 from litmodel.utils import LitModelError, atomic_dir
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -341,8 +342,6 @@ def import_peft(adapter_dir: str | Path, base_checkpoint_dir: str | Path, out_di
                 merge: bool = True) -> Path:
     """Write a litmodel LoRA dir (``lora.safetensors`` + ``lora_config.yaml`` naming the base, and with ``merge``
     the merged model) equal to the PEFT adapter in ``adapter_dir`` on ``base_checkpoint_dir``."""
-    from litmodel.finetune import write_lora_checkpoint
-
     base_checkpoint_dir = Path(base_checkpoint_dir)
     config = load_config(base_checkpoint_dir)
     lora, state = peft_to_lora(adapter_dir, config)

@@ -1,7 +1,7 @@
-"""The pretraining recipe, shared by `pretrain/gpt.py` and `pretrain/llama.py`.
+"""The pretraining recipe, shared by `pretrain/gpt.py`, `pretrain/llama.py` and `pretrain/gemma.py`.
 
-Read it top to bottom: `main` prepares data and tokenizer, builds the model on the Fabric
-runtime, calls the training loop (`litmodel.training.fit`: accumulation, clipping, the warmup +
+Read it top to bottom: `setup` parses the command line into `run`, which checks what it can and launches
+`main` on the Fabric runtime; `main` prepares data and tokenizer, builds the model, calls the training loop (`litmodel.training.fit`: accumulation, clipping, the warmup +
 cosine schedule, validation, logging, resumable checkpoints, resume), then writes `out_dir/final/`
 as a checkpoint dir, prints a sample and draws ``out_dir/loss.png``.
 """
@@ -16,14 +16,21 @@ from typing import Literal
 import torch
 
 from litmodel import build_model
+from litmodel.checkpoint import MODEL_FILE, load_config, mmap_safetensors
+from litmodel.cli import parse_function_args
 from litmodel.config import Config
+from litmodel.data import PretrainDataLoader, ValDataLoader, ensure_prepared, stdlib_corpus
 from litmodel.fabric import Fabric
-from litmodel.loggers import CSVLogger, TensorBoardLogger
-from litmodel.plot import write_loss_plot
 from litmodel.flops import train_flops_per_token
+from litmodel.generate import generate
+from litmodel.loggers import build_loggers
+from litmodel.losses import language_model_loss
+from litmodel.plot import write_loss_plot
 from litmodel.precision import resolve_precision
-from litmodel.training import (EvalArgs, TrainArgs, accumulation_steps, build_optimizer, fit, language_model_loss,
-                               resolve_resume, save_final_checkpoint)
+from litmodel.tokenizer import Tokenizer, train_tokenizer
+from litmodel.training import fit
+from litmodel.training_args import EvalArgs, TrainArgs, accumulation_steps, build_optimizer
+from litmodel.training_state import resolve_resume, save_final_checkpoint
 from litmodel.utils import LitModelError
 
 
@@ -52,6 +59,59 @@ class SampleArgs:
     top_k: int | None = 50
 
 
+def setup(family: str, default_config: Path | None, argv: list[str] | None = None, description: str = "") -> None:
+    """Parse ``--config x.yaml`` and flags (``default_config`` fills what they leave out), then `run`."""
+    defaults = [str(default_config)] if default_config is not None and Path(default_config).is_file() else None
+    kwargs = parse_function_args(run, argv, description, defaults, instantiate=True)
+    name, config = kwargs.get("model_name"), kwargs.get("model_config")
+    config = Config.from_name(name) if name else config
+    if config is not None and config.family != family:
+        raise LitModelError(f"{config.name} is a {config.family}-family model; use pretrain/{config.family}.py for it")
+    run(**kwargs)
+
+
+def run(model_name: str | None = None, model_config: Config | None = None, out_dir: Path = Path("out/pretrain"),
+        data: DataArgs = DataArgs(), train: TrainArgs = TrainArgs(), eval: EvalArgs = EvalArgs(),
+        accelerator: str = "auto", devices: int | str = 1, num_nodes: int = 1, strategy: str = "auto",
+        precision: str = "auto", resume: bool | str = False, seed: int = 42, compile: bool = False,
+        logger: Literal["csv", "tensorboard", "both"] = "both", sample: SampleArgs = SampleArgs(),
+        initial_checkpoint_dir: Path | None = None) -> None:
+    """Pretrain a model from scratch on token shards.
+
+    Args:
+        model_name: A config from the registry (e.g. pythia-160m, gpt2, TinyLlama-1.1B-Chat-v1.0).
+        model_config: Or a model config written out field by field (see litmodel/config.py).
+        out_dir: Where logs, resumable step-XXXXXX checkpoints and the final checkpoint dir go.
+        data: The token shards and, for the stdlib default, how to make them.
+        train: Batch sizes, token budget, learning-rate schedule, clipping, checkpoint interval.
+        eval: Validation interval and size; lm-eval tasks run at each validation (--eval.tasks, --eval.limit).
+        accelerator: cpu, cuda or auto.
+        devices: Processes per node (GPUs, or CPU processes).
+        num_nodes: Nodes; several nodes are started by torchrun or srun (see README).
+        strategy: auto, single, ddp or fsdp.
+        precision: 32-true, bf16-mixed, bf16-true, 16-mixed, 16-true, or auto (bf16-mixed where the hardware runs
+            bf16 fast, else 32-true).
+        resume: auto (the latest step checkpoint in out_dir), a step checkpoint path, or false (refuses an out_dir
+            that holds another run).
+        seed: Seed for initialisation and data order.
+        compile: torch.compile the model.
+        logger: csv, tensorboard or both (under out_dir).
+        sample: The sample printed at the end.
+        initial_checkpoint_dir: Start from this checkpoint dir's architecture and weights (continued pretraining).
+    """
+    out_dir = Path(out_dir)
+    resolve_resume(out_dir, resume)  # refuse to overwrite another run before any process starts
+    if eval.tasks:
+        from litmodel.evaluation import check_tasks  # deferred: lm-eval is an optional extra, slow to import
+
+        check_tasks(eval.tasks, eval.limit, eval.include_path)
+    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+                    precision=resolve_precision(precision, accelerator), loggers=build_loggers(out_dir, logger),
+                    activation_checkpointing=train.activation_checkpointing)
+    fabric.launch(main, model_name, model_config, out_dir, data, train, eval, resume, seed, compile, sample,
+                  initial_checkpoint_dir)
+
+
 def main(fabric: Fabric, model_name: str | None, model_config: Config | None, out_dir: Path, data: DataArgs,
          train: TrainArgs, eval: EvalArgs, resume: bool | str, seed: int, compile: bool, sample: SampleArgs,
          initial_checkpoint_dir: Path | None = None) -> None:
@@ -61,8 +121,6 @@ def main(fabric: Fabric, model_name: str | None, model_config: Config | None, ou
 
     # 1. data and tokenizer (prepared once, on rank 0, and cached for the next run)
     tokenizer_dir = prepare_data(fabric, data)
-    from litmodel.tokenizer import Tokenizer
-
     tokenizer = Tokenizer(tokenizer_dir)
     evaluators = []
     if eval.tasks:  # lm-eval tasks at each validation; names are checked now, before any training
@@ -73,8 +131,6 @@ def main(fabric: Fabric, model_name: str | None, model_config: Config | None, ou
 
     # 2. the model
     if initial_checkpoint_dir is not None:  # continued pretraining: the checkpoint's architecture and weights
-        from litmodel.checkpoint import load_config
-
         model_name, model_config = None, load_config(initial_checkpoint_dir)
     config = resolve_config(model_name, model_config, tokenizer.vocab_size)
     block_size = train.max_seq_length or config.block_size
@@ -93,8 +149,6 @@ def main(fabric: Fabric, model_name: str | None, model_config: Config | None, ou
                  f"parameters, block_size {block_size}, vocab {config.padded_vocab_size}")
     model = fabric.setup(model)
     if initial_checkpoint_dir is not None and resume_from is None:
-        from litmodel.checkpoint import MODEL_FILE, mmap_safetensors
-
         weights = mmap_safetensors(Path(initial_checkpoint_dir) / MODEL_FILE)
         if config.tie_embeddings:
             weights["lm_head.weight"] = weights["wte.weight"]
@@ -103,8 +157,6 @@ def main(fabric: Fabric, model_name: str | None, model_config: Config | None, ou
     if compile:
         model = torch.compile(model)
     optimizer = fabric.setup_optimizers(build_optimizer(model, train))
-
-    from litmodel.data import PretrainDataLoader, ValDataLoader
 
     train_loader = PretrainDataLoader(data.data_dir / "train", block_size, train.micro_batch_size,
                                       fabric.global_rank, fabric.world_size, seed=seed, tokenizer_dir=tokenizer_dir)
@@ -144,11 +196,7 @@ def prepare_data(fabric: Fabric, data: DataArgs) -> Path:
         return Path(data.tokenizer_dir)
     tokenizer_dir = Path(data.tokenizer_dir or data_dir.parent / f"{data_dir.name}-tokenizer")
     if fabric.is_global_zero:
-        from litmodel.data import ensure_prepared, stdlib_corpus
-
         if not ((tokenizer_dir / "tokenizer.json").is_file() or (tokenizer_dir / "tokenizer.model").is_file()):
-            from litmodel.tokenizer import train_tokenizer
-
             fabric.print(f"training a {data.vocab_size}-token BPE tokenizer on the Python standard library -> "
                          f"{tokenizer_dir}")
             train_tokenizer(stdlib_corpus().files, tokenizer_dir, kind="bpe", vocab_size=data.vocab_size,
@@ -176,8 +224,6 @@ def resolve_config(model_name: str | None, model_config: Config | None, vocab_si
 
 
 def print_sample(fabric: Fabric, model, tokenizer, sample: SampleArgs) -> None:
-    from litmodel.generate import generate
-
     module = getattr(model, "module", model)
     module.eval()
     ids = tokenizer.encode(sample.prompt)
@@ -186,63 +232,3 @@ def print_sample(fabric: Fabric, model, tokenizer, sample: SampleArgs) -> None:
                             stop_tokens=[tokenizer.eos_id] if tokenizer.eos_id is not None else (), seed=0))
     module.clear_kv_cache()
     fabric.print("sample:\n" + tokenizer.decode(ids + out))
-
-
-def run(model_name: str | None = None, model_config: Config | None = None, out_dir: Path = Path("out/pretrain"),
-        data: DataArgs = DataArgs(), train: TrainArgs = TrainArgs(), eval: EvalArgs = EvalArgs(),
-        accelerator: str = "auto", devices: int | str = 1, num_nodes: int = 1, strategy: str = "auto",
-        precision: str = "auto", resume: bool | str = False, seed: int = 42, compile: bool = False,
-        logger: Literal["csv", "tensorboard", "both"] = "both", sample: SampleArgs = SampleArgs(),
-        initial_checkpoint_dir: Path | None = None) -> None:
-    """Pretrain a model from scratch on token shards.
-
-    Args:
-        model_name: A config from the registry (e.g. pythia-160m, gpt2, TinyLlama-1.1B-Chat-v1.0).
-        model_config: Or a model config written out field by field (see litmodel/config.py).
-        out_dir: Where logs, resumable step-XXXXXX checkpoints and the final checkpoint dir go.
-        data: The token shards and, for the stdlib default, how to make them.
-        train: Batch sizes, token budget, learning-rate schedule, clipping, checkpoint interval.
-        eval: Validation interval and size; lm-eval tasks run at each validation (--eval.tasks, --eval.limit).
-        accelerator: cpu, cuda or auto.
-        devices: Processes per node (GPUs, or CPU processes).
-        num_nodes: Nodes; several nodes are started by torchrun or srun (see README).
-        strategy: auto, single, ddp or fsdp.
-        precision: 32-true, bf16-mixed, bf16-true, 16-mixed, 16-true, or auto (bf16-mixed where the hardware runs
-            bf16 fast, else 32-true).
-        resume: auto (the latest step checkpoint in out_dir), a step checkpoint path, or false (refuses an out_dir
-            that holds another run).
-        seed: Seed for initialisation and data order.
-        compile: torch.compile the model.
-        logger: csv, tensorboard or both (under out_dir).
-        sample: The sample printed at the end.
-        initial_checkpoint_dir: Start from this checkpoint dir's architecture and weights (continued pretraining).
-    """
-    out_dir = Path(out_dir)
-    resolve_resume(out_dir, resume)  # refuse to overwrite another run before any process starts
-    if eval.tasks:
-        from litmodel.evaluation import check_tasks  # deferred: lm-eval is an optional extra, slow to import
-
-        check_tasks(eval.tasks, eval.limit, eval.include_path)
-    loggers = []
-    if logger in ("csv", "both"):
-        loggers.append(CSVLogger(out_dir, name="logs"))
-    if logger in ("tensorboard", "both"):
-        loggers.append(TensorBoardLogger(out_dir, name="tensorboard"))
-    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
-                    precision=resolve_precision(precision, accelerator), loggers=loggers,
-                    activation_checkpointing=train.activation_checkpointing)
-    fabric.launch(main, model_name, model_config, out_dir, data, train, eval, resume, seed, compile, sample,
-                  initial_checkpoint_dir)
-
-
-def setup(family: str, default_config: Path | None, argv: list[str] | None = None, description: str = "") -> None:
-    """Parse ``--config x.yaml`` and flags (``default_config`` fills what they leave out), then `run`."""
-    from litmodel.cli import parse_function_args
-
-    defaults = [str(default_config)] if default_config is not None and Path(default_config).is_file() else None
-    kwargs = parse_function_args(run, argv, description, defaults, instantiate=True)
-    name, config = kwargs.get("model_name"), kwargs.get("model_config")
-    config = Config.from_name(name) if name else config
-    if config is not None and config.family != family:
-        raise LitModelError(f"{config.name} is a {config.family}-family model; use pretrain/{config.family}.py for it")
-    run(**kwargs)

@@ -15,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from litmodel.cli import parse_function_args
+from litmodel.lora_checkpoint import merge_lora_checkpoint
 from litmodel.utils import cli_main
 
 
@@ -26,16 +28,12 @@ def main(checkpoint_dir: Path, base_checkpoint_dir: Optional[Path] = None, out_d
         base_checkpoint_dir: The base model's checkpoint dir (default: base_checkpoint_dir in lora_config.yaml).
         out_dir: Where to write the merged checkpoint dir (default: checkpoint_dir, in place).
     """
-    from litmodel.finetune import merge_lora_checkpoint
-
     out = merge_lora_checkpoint(checkpoint_dir, base_checkpoint_dir, out_dir)
     print(f"merged {checkpoint_dir} into {out}")
     return out
 
 
 def setup(argv: Optional[list[str]] = None) -> None:
-    from litmodel.cli import parse_function_args
-
     main(**parse_function_args(main, argv, __doc__))
 
 

@@ -249,7 +249,8 @@ def test_data_json_short_name_resolves_for_both_recipes(base):
     modules imported in one process."""
     from litmodel.data.preference import PreferenceData
     from litmodel.data.sft import JSONData
-    from litmodel.finetune import finetune_lora, parse_args
+    from litmodel.finetune import finetune_lora
+    from litmodel.finetune_args import parse_args
     from litmodel.finetune_dpo import finetune_dpo
 
     argv = ["--checkpoint_dir", str(base["ckpt"]), "--data", "JSON", "--data.json_path", "x.json"]

@@ -25,8 +25,8 @@ from litmodel.fast_decode import prepare_fast_decode
 from litmodel.generate import generate_tokens
 from litmodel.hf import convert_hf_checkpoint, convert_lit_checkpoint
 from litmodel.llama import MoE, router_aux_loss
-from litmodel.lora import (LoRAConfig, apply_lora, load_lora, lora_modules, mark_only_lora_as_trainable,
-                           merge_lora, save_lora)
+from litmodel.lora import LoRAConfig, apply_lora, lora_modules, mark_only_lora_as_trainable, merge_lora
+from litmodel.lora_checkpoint import load_lora, save_lora
 from litmodel.utils import LitModelError, num_parameters
 
 transformers = pytest.importorskip("transformers")
@@ -500,7 +500,9 @@ def test_router_aux_loss_in_the_training_loop(tmp_path):
 
     from litmodel.fabric import Fabric
     from litmodel.loggers import CSVLogger
-    from litmodel.training import EvalArgs, TrainArgs, build_optimizer, fit, language_model_loss
+    from litmodel.losses import language_model_loss
+    from litmodel.training import fit
+    from litmodel.training_args import EvalArgs, TrainArgs, build_optimizer
 
     class OneBatch:
         def __init__(self, batch):

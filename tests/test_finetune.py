@@ -267,7 +267,8 @@ def test_lora_fsdp_two_processes(base, tmp_path):
 
 def test_data_json_short_name_resolves(base):
     from litmodel.data.sft import JSONData
-    from litmodel.finetune import finetune_lora, parse_args
+    from litmodel.finetune import finetune_lora
+    from litmodel.finetune_args import parse_args
 
     for argv in (["--data", "JSON", "--data.json_path", "x.json"], ["--data.json_path", "x.json"],
                  ["--data", "JSONData", "--data.json_path", "x.json", "--data.packed", "true"]):
@@ -297,7 +298,7 @@ def _bad_cases(base, root: Path) -> dict:
     other_ckpt = save_checkpoint_dir(root / "other", other, other.config, base["ckpt"])
     adapter = root / "adapter"
     adapter.mkdir()
-    from litmodel.finetune import write_lora_config
+    from litmodel.lora_checkpoint import write_lora_config
     from litmodel.lora import LoRAConfig, apply_lora, lora_state_dict
     from litmodel.checkpoint import load_model, save_safetensors
 
@@ -345,7 +346,7 @@ def test_trainable_state_is_only_lora_with_a_tied_head(base):
     get_model_state_dict(ignore_frozen_params=True) alone keeps the frozen tied lm_head.weight)."""
     from litmodel.checkpoint import load_config
     from litmodel.fabric import Fabric
-    from litmodel.finetune import trainable_state
+    from litmodel.training_state import trainable_state
     from litmodel.lora import apply_lora, mark_only_lora_as_trainable
 
     from litmodel import build_model

@@ -12,13 +12,12 @@ from litmodel.lora import (
     LoRAConfig,
     LoRALinear,
     apply_lora,
-    load_lora,
     lora_modules,
     lora_state_dict,
     mark_only_lora_as_trainable,
     merge_lora,
-    save_lora,
 )
+from litmodel.lora_checkpoint import load_lora, save_lora
 from litmodel.utils import LitModelError
 
 TINY = {

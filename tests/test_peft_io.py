@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from litmodel.checkpoint import load_model
-from litmodel.finetune import write_lora_checkpoint
 from litmodel.hf import convert_hf_checkpoint
-from litmodel.lora import LoRAConfig, apply_lora, load_lora, lora_state_dict
+from litmodel.lora import LoRAConfig, apply_lora, lora_state_dict
+from litmodel.lora_checkpoint import load_lora, write_lora_checkpoint
 from litmodel.peft_io import export_peft, import_peft, peft_to_lora
 from litmodel.utils import LitModelError
 

@@ -41,7 +41,8 @@ def test_merged_qlora_output_is_the_trained_model(base, qlora_run):
     """out_dir/final's merged model (base dtype) = the NF4 base the adapter was trained on + the update: the same
     logits as the training-time model (NF4 weights + LoRA), and not the update on the unrounded base."""
     from litmodel.checkpoint import load_model
-    from litmodel.lora import load_lora, merge_lora
+    from litmodel.lora import merge_lora
+    from litmodel.lora_checkpoint import load_lora
     from litmodel.nf4 import load_model_nf4
 
     final = qlora_run[0] / "final"

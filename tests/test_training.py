@@ -87,7 +87,8 @@ def finetune(setup, name: str, global_batch: int, micro_batch: int, devices: int
     from safetensors.torch import load_file
 
     from litmodel.data.sft import JSON
-    from litmodel.finetune import FinetuneEvalArgs, FinetuneTrainArgs, finetune_full
+    from litmodel.finetune import finetune_full
+    from litmodel.finetune_args import FinetuneEvalArgs, FinetuneTrainArgs
 
     out = setup["root"] / name
     train = FinetuneTrainArgs(global_batch_size=global_batch, micro_batch_size=micro_batch, epochs=STEPS, lr=LR,
@@ -166,7 +167,7 @@ def tiny_loop_setup(tmp_path, vocab=64):
     from litmodel import Config, build_model
     from litmodel.fabric import Fabric
     from litmodel.loggers import CSVLogger
-    from litmodel.training import TrainArgs, build_optimizer
+    from litmodel.training_args import TrainArgs, build_optimizer
 
     config = Config(**{**TINY, "n_embd": 32, "intermediate_size": 64, "block_size": 16}, vocab_size=vocab,
                     padded_vocab_size=vocab)
@@ -198,7 +199,9 @@ def test_masked_micro_batches_metrics_and_evaluators(tmp_path, capsys):
 
     import torch.nn.functional as F
 
-    from litmodel.training import EvalArgs, fit, next_token_loss
+    from litmodel.losses import next_token_loss
+    from litmodel.training import fit
+    from litmodel.training_args import EvalArgs
 
     fabric, model, optimizer, train, initial = tiny_loop_setup(tmp_path)
     b1, b2, masked = lm_batch(1, masked_from=5), lm_batch(2, masked_from=3), lm_batch(3, masked_from=12)
