@@ -29,11 +29,15 @@ weights.
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import gc
+import json
+import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,10 +47,12 @@ from pathlib import Path
 import torch
 
 from litmodel import Config, build_meta_model, build_model
+from litmodel.checkpoint import load_config, load_model, save_checkpoint_dir
 from litmodel.data.sft import IGNORE_INDEX, PackedBatches, collate_fn, sft_loss
 from litmodel.fabric import Fabric
 from litmodel.flops import matmul_dtype, measure_matmul_flops, mfu, peak_flops, train_flops_per_token
 from litmodel.lora import apply_lora, mark_only_lora_as_trainable
+from litmodel.nf4 import load_model_nf4, nf4_model_nbytes
 from litmodel.precision import native_half_matmul
 from litmodel.training_args import TrainArgs, build_optimizer
 
@@ -159,8 +165,6 @@ def make_models(config: Config, variants: list[Variant]) -> None:
         v.fabric = Fabric(accelerator="cpu", devices=1, precision=v.precision, activation_checkpointing=v.ac)
         v.fabric.launch()
         if key not in cache:
-            import copy
-
             m = copy.deepcopy(base)
             if v.method == "lora":
                 apply_lora(m, targets=("query", "value"), r=8, alpha=16, dropout=0.0)
@@ -209,8 +213,6 @@ resident set (VmHWM), weights included: that is what QLoRA is for. LoRA and QLoR
 
 def write_random_checkpoint(name: str, work_dir: Path) -> Path:
     """A checkpoint dir of the registry config ``name`` with random bf16 weights (std 0.02), written once."""
-    from litmodel.checkpoint import save_checkpoint_dir
-
     out = work_dir / name
     if (out / "model.safetensors").is_file():
         return out
@@ -229,11 +231,6 @@ def write_random_checkpoint(name: str, work_dir: Path) -> Path:
 
 def qlora_worker(method: str, checkpoint_dir: Path, B: int, T: int, steps: int) -> None:
     """One run in this process; prints a JSON line with its figures."""
-    import json
-
-    from litmodel.checkpoint import load_config, load_model
-    from litmodel.nf4 import load_model_nf4, nf4_model_nbytes
-
     rss0 = _status_kb("VmRSS")
     t0 = time.perf_counter()
     if method.startswith("qlora"):
@@ -267,10 +264,6 @@ def qlora_worker(method: str, checkpoint_dir: Path, B: int, T: int, steps: int) 
 
 
 def qlora_main(args) -> None:
-    import json
-    import os
-    import subprocess
-
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     med = statistics.median
@@ -449,8 +442,6 @@ def main() -> None:
               f"CPU time {ratio('lora packed (64-512)', 'lora padded (64-512)', 'cpu_useful')} "
               f"(mean example {sum(lengths) / len(lengths):.0f} tokens, {len(packed)} packed rows for {len(lengths)} "
               f"examples)")
-    import os
-
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")

@@ -40,6 +40,8 @@ def tcmalloc_path() -> str | None:
 
 
 def worker(model: str, precision: str, compile: bool, batch: int, seq: int, steps: int, tuned: bool) -> dict:
+    # imported here, not at the top: each variant runs in its own process, which sets its threads (and with
+    # --tcmalloc its allocator, via LD_PRELOAD) before torch is loaded
     import torch
 
     from litmodel import build_model

@@ -31,10 +31,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from litmodel.data.preference import collate_pairs
 from litmodel.lora import disable_adapters
+from litmodel.losses import IGNORE_INDEX
 from litmodel.utils import LitModelError
 
-IGNORE_INDEX = -100
 LOSS_TYPES = ("sigmoid", "ipo")
 # the per-pair quantities, summed over pairs by `dpo_batch_sums` (the training loop divides by the pair count)
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -183,8 +184,6 @@ def precompute_reference(fabric, objective: DPOObjective, model: nn.Module, data
     """The reference log-prob sums (len(dataset), 2) = (chosen, rejected) of every pair, in one pass split over
     the processes (every process runs the same number of batches, as FSDP needs), then summed across them.
     Run it before training (or before loading a resumed state): ``model`` must still be the reference."""
-    from litmodel.data.preference import collate_pairs
-
     n, world, rank = len(dataset), fabric.world_size, fabric.global_rank
     per_rank = -(-n // world)
     mine = list(range(rank * per_rank, min(n, (rank + 1) * per_rank)))

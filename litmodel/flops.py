@@ -145,26 +145,38 @@ def forward_flops_per_token(model: nn.Module, config: Config, seq_len: int) -> f
 # sheets print tensor-core figures "with sparsity": halved here). Matched in order, first wins.
 # bf16/fp16 with float32 accumulation (what PyTorch uses). No tf32/bf16 before Ampere.
 _T = 1e12
-GPU_PEAKS: list[tuple[str, str, dict[str, float]]] = [
-    # (regex on the lower-cased device name, label, {dtype: FLOP/s})
-    (r"gb200|b200", "B200", {"fp32": 75 * _T, "tf32": 1100 * _T, "bf16": 2250 * _T, "fp16": 2250 * _T}),
-    (r"h200.*nvl", "H200 NVL", {"fp32": 60 * _T, "tf32": 417.5 * _T, "bf16": 835.5 * _T, "fp16": 835.5 * _T}),
-    (r"h200|gh200", "H200 SXM", {"fp32": 67 * _T, "tf32": 494.5 * _T, "bf16": 989.5 * _T, "fp16": 989.5 * _T}),
-    (r"h100.*nvl", "H100 NVL", {"fp32": 60 * _T, "tf32": 417.5 * _T, "bf16": 835.5 * _T, "fp16": 835.5 * _T}),
-    (r"h100.*(pcie|hbm2e)", "H100 PCIe", {"fp32": 51 * _T, "tf32": 378 * _T, "bf16": 756.5 * _T, "fp16": 756.5 * _T}),
-    (r"h100|h800", "H100 SXM", {"fp32": 67 * _T, "tf32": 494.5 * _T, "bf16": 989.5 * _T, "fp16": 989.5 * _T}),
-    (r"a100|a800", "A100", {"fp32": 19.5 * _T, "tf32": 156 * _T, "bf16": 312 * _T, "fp16": 312 * _T}),
-    (r"l40s", "L40S", {"fp32": 91.6 * _T, "tf32": 183 * _T, "bf16": 362 * _T, "fp16": 362 * _T}),
-    (r"l40\b", "L40", {"fp32": 90.5 * _T, "tf32": 90.5 * _T, "bf16": 181 * _T, "fp16": 181 * _T}),
-    (r"\bl4\b", "L4", {"fp32": 30.3 * _T, "tf32": 60 * _T, "bf16": 121 * _T, "fp16": 121 * _T}),
-    # A10G: AWS publishes no separate sheet; the A10 datasheet figures (as Lightning uses)
-    (r"a10g|\ba10\b", "A10/A10G", {"fp32": 31.2 * _T, "tf32": 62.5 * _T, "bf16": 125 * _T, "fp16": 125 * _T}),
-    (r"rtx 4090", "RTX 4090", {"fp32": 82.6 * _T, "tf32": 82.6 * _T, "bf16": 165.2 * _T, "fp16": 165.2 * _T}),
-    (r"rtx 3090", "RTX 3090", {"fp32": 35.6 * _T, "tf32": 35.6 * _T, "bf16": 71 * _T, "fp16": 71 * _T}),
-    (r"v100.*pcie", "V100 PCIe", {"fp32": 14 * _T, "fp16": 112 * _T}),
-    (r"v100", "V100 SXM2", {"fp32": 15.7 * _T, "fp16": 125 * _T}),
-    (r"\bt4\b", "T4", {"fp32": 8.1 * _T, "fp16": 65 * _T}),
-]
+# regex on the lower-cased device name | label | dense TFLOP/s: fp32, tf32, bf16, fp16 ("-": no such unit)
+_GPU_PEAK_TABLE = r"""
+gb200|b200          | B200      | 75    1100   2250   2250
+h200.*nvl           | H200 NVL  | 60    417.5  835.5  835.5
+h200|gh200          | H200 SXM  | 67    494.5  989.5  989.5
+h100.*nvl           | H100 NVL  | 60    417.5  835.5  835.5
+h100.*(pcie|hbm2e)  | H100 PCIe | 51    378    756.5  756.5
+h100|h800           | H100 SXM  | 67    494.5  989.5  989.5
+a100|a800           | A100      | 19.5  156    312    312
+l40s                | L40S      | 91.6  183    362    362
+l40\b               | L40       | 90.5  90.5   181    181
+\bl4\b              | L4        | 30.3  60     121    121
+a10g|\ba10\b        | A10/A10G  | 31.2  62.5   125    125
+rtx 4090            | RTX 4090  | 82.6  82.6   165.2  165.2
+rtx 3090            | RTX 3090  | 35.6  35.6   71     71
+v100.*pcie          | V100 PCIe | 14    -      -      112
+v100                | V100 SXM2 | 15.7  -      -      125
+\bt4\b              | T4        | 8.1   -      -      65
+"""  # A10G: AWS publishes no separate sheet; the A10 datasheet figures (as Lightning uses)
+
+
+def _parse_gpu_peaks(table: str) -> list[tuple[str, str, dict[str, float]]]:
+    rows = []
+    for line in table.strip().splitlines():
+        rest, numbers = line.rsplit("|", 1)
+        pattern, label = rest.rsplit("|", 1)  # the pattern itself may hold "|"
+        peaks = {kind: float(x) * _T for kind, x in zip(("fp32", "tf32", "bf16", "fp16"), numbers.split()) if x != "-"}
+        rows.append((pattern.strip(), label.strip(), peaks))
+    return rows
+
+
+GPU_PEAKS: list[tuple[str, str, dict[str, float]]] = _parse_gpu_peaks(_GPU_PEAK_TABLE)  # (regex, label, FLOP/s)
 
 
 @dataclass

@@ -33,11 +33,11 @@ from typing import Callable
 
 import torch
 
-from litmodel.checkpoint import load_config, mmap_safetensors
+from litmodel.checkpoint import load_config, mmap_safetensors, save_safetensors
 from litmodel.config import Config
 from litmodel.convert import _transpose, lit_to_hf_plan
 from litmodel.lora import LoRAConfig
-from litmodel.lora_checkpoint import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, write_lora_checkpoint
+from litmodel.lora_checkpoint import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, read_lora_config, write_lora_checkpoint
 from litmodel.utils import LitModelError, atomic_dir
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -138,8 +138,8 @@ def export_peft(lora_dir: str | Path, out_dir: str | Path, base_checkpoint_dir: 
         hint = " (pass out_dir/final)" if (lora_dir / "final" / LORA_WEIGHTS_FILE).is_file() else ""
         raise LitModelError(f"{lora_dir} has no {LORA_WEIGHTS_FILE}; --format peft exports the output dir of a LoRA "
                             f"finetuning run{hint}")
-    cfg = LoRAConfig.from_yaml(lora_dir / LORA_CONFIG_FILE)
-    base = base_checkpoint_dir or cfg.base_checkpoint_dir
+    cfg, named_base = read_lora_config(lora_dir)
+    base = base_checkpoint_dir or named_base
     if base is None:
         raise LitModelError(f"{lora_dir / LORA_CONFIG_FILE} names no base model; pass --base_checkpoint_dir")
     config = load_config(base)
@@ -192,11 +192,9 @@ def export_peft(lora_dir: str | Path, out_dir: str | Path, base_checkpoint_dir: 
         "rank_pattern": {key_of[m]: v for m, v in rank_pattern.items()},
         "alpha_pattern": {key_of[m]: v for m, v in alpha_pattern.items()},
     }
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        save_safetensors(tensors, tmp / ADAPTER_WEIGHTS)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2) + "\n")
     return out_dir
 
