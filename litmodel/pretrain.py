@@ -1,9 +1,10 @@
 """The pretraining recipe, shared by `pretrain/gpt.py`, `pretrain/llama.py` and `pretrain/gemma.py`.
 
 Read it top to bottom: `setup` parses the command line into `run`, which checks what it can and launches
-`main` on the Fabric runtime; `main` prepares data and tokenizer, builds the model, calls the training loop (`litmodel.training.fit`: accumulation, clipping, the warmup +
-cosine schedule, validation, logging, resumable checkpoints, resume), then writes `out_dir/final/`
-as a checkpoint dir, prints a sample and draws ``out_dir/loss.png``.
+`main` on the Fabric runtime; `main` prepares data and tokenizer, builds the model, calls the training loop
+(`litmodel.training.fit`: accumulation, clipping, the warmup + cosine schedule, validation, logging, resumable
+checkpoints, resume), then writes `out_dir/final/` as a checkpoint dir, prints a sample and draws
+``out_dir/loss.png``.
 """
 
 from __future__ import annotations
