@@ -23,8 +23,9 @@ from typing import Literal, Optional
 import torch
 
 from litmodel.checkpoint import check_checkpoint_dir, load_model
-from litmodel.generate import PRECISIONS, load_tokenizer, resolve_device
+from litmodel.generate import PRECISIONS, resolve_device
 from litmodel.scoring import perplexity
+from litmodel.tokenizer import load_tokenizer
 from litmodel.utils import LitModelError, atomic_file, cli_main
 
 
