@@ -384,7 +384,7 @@ def copy_tokenizer_files(src_dir: str | Path, dst_dir: str | Path) -> list[Path]
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             if src.resolve() != dst.resolve():
-                shutil.copy2(src / name, dst / name)
+                shutil.copy2(src / name, dst / name)  # follows links (the HF cache's snapshot files are links)
             copied.append(dst / name)
     return copied
 
