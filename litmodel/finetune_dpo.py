@@ -104,7 +104,7 @@ def finetune_dpo(checkpoint_dir: Path, data: Optional[PreferenceData] = None, ou
             --method lora only.
         merge: LoRA: also write the merged model into out_dir/final so every other script reads it as is.
     """
-    from litmodel.generate import load_tokenizer
+    from litmodel.tokenizer import load_tokenizer
 
     out_dir = Path(out_dir)
     resolve_resume(out_dir, resume)  # refuse to overwrite another run

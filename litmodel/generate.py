@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from litmodel.precision import inference_dtype
 from litmodel.quantize import INFERENCE_QUANTIZE_MODES
+from litmodel.tokenizer import load_tokenizer
 from litmodel.utils import LitModelError
 
 
@@ -491,16 +492,6 @@ class Generation:
     compile: bool = False
     quantize: str | None = None
     load_seconds: float = 0.0
-
-
-def load_tokenizer(checkpoint_dir: str | Path):
-    from litmodel.tokenizer import Tokenizer
-
-    d = Path(checkpoint_dir)
-    if not ((d / "tokenizer.json").is_file() or (d / "tokenizer.model").is_file()):
-        raise LitModelError(f"{d} has no tokenizer (tokenizer.json or tokenizer.model); copy the tokenizer files "
-                            f"of the base model into it or re-download with `python scripts/download.py`")
-    return Tokenizer(d)
 
 
 def setup_generation(checkpoint_dir: str | Path, device: str | None = "auto", precision: str | None = None,

@@ -147,7 +147,7 @@ def prepare_data(fabric: Fabric, data: DataArgs) -> Path:
         from litmodel.data import ensure_prepared, stdlib_corpus
 
         if not ((tokenizer_dir / "tokenizer.json").is_file() or (tokenizer_dir / "tokenizer.model").is_file()):
-            from litmodel.tokenizer import train_tokenizer
+            from litmodel.tokenizer_training import train_tokenizer
 
             fabric.print(f"training a {data.vocab_size}-token BPE tokenizer on the Python standard library -> "
                          f"{tokenizer_dir}")

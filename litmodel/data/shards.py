@@ -25,13 +25,13 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from litmodel.tokenizer import TOKENIZER_MODEL_FILES, load_tokenizer, missing_tokenizer_error
 from litmodel.utils import LitModelError, atomic_dir, fsync_tree
 
 FORMAT = "litmodel.token_shards"
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
 SPLITS = ("train", "val")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 DEFAULT_SHARD_TOKENS = 1 << 26  # 64Mi tokens: 128 MiB (uint16) or 256 MiB (uint32) per shard
 DEFAULT_VAL_FRACTION = 0.05
 DEFAULT_SEED = 42
@@ -56,9 +56,9 @@ def tokenizer_hash(tokenizer_dir: str | os.PathLike) -> str:
     Two dirs holding the same tokenizer files have the same hash wherever they live.
     """
     tokenizer_dir = Path(tokenizer_dir)
-    files = [tokenizer_dir / name for name in TOKENIZER_FILES if (tokenizer_dir / name).is_file()]
+    files = [tokenizer_dir / name for name in TOKENIZER_MODEL_FILES if (tokenizer_dir / name).is_file()]
     if not files:
-        raise _missing_tokenizer(tokenizer_dir)
+        raise missing_tokenizer_error(tokenizer_dir, _train_tokenizer_hint(tokenizer_dir))
     digest = hashlib.sha256()
     for file in files:
         digest.update(file.name.encode() + b"\0")
@@ -68,22 +68,10 @@ def tokenizer_hash(tokenizer_dir: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _missing_tokenizer(tokenizer_dir: Path) -> LitModelError:
-    what = "does not exist" if not tokenizer_dir.exists() else "holds no tokenizer.json or tokenizer.model"
-    return LitModelError(
-        f"tokenizer dir {tokenizer_dir} {what}; train a tokenizer with "
-        f"`{TRAIN_TOKENIZER_HINT.format(tokenizer_dir=tokenizer_dir)}` or pass --tokenizer_dir of a checkpoint dir"
-    )
-
-
-def load_tokenizer(tokenizer_dir: str | os.PathLike):
-    """``litmodel.tokenizer.Tokenizer(tokenizer_dir)``, after checking the dir holds a tokenizer."""
-    tokenizer_dir = Path(tokenizer_dir)
-    if not any((tokenizer_dir / name).is_file() for name in TOKENIZER_FILES):
-        raise _missing_tokenizer(tokenizer_dir)
-    from litmodel.tokenizer import Tokenizer  # imported lazily: heavy, and owned by another module
-
-    return Tokenizer(tokenizer_dir)
+def _train_tokenizer_hint(tokenizer_dir: str | os.PathLike) -> str:
+    """The fix named when a data command's tokenizer dir holds no tokenizer."""
+    return (f"train a tokenizer with `{TRAIN_TOKENIZER_HINT.format(tokenizer_dir=tokenizer_dir)}` "
+            "or pass --tokenizer_dir of a checkpoint dir")
 
 
 def choose_dtype(vocab_size: int, dtype: str = "auto") -> np.dtype:
@@ -300,7 +288,7 @@ _WORKER: dict[str, Any] = {}
 
 def _init_worker(tokenizer_dir: str, dtype: str) -> None:
     try:
-        tok = load_tokenizer(tokenizer_dir)
+        tok = load_tokenizer(tokenizer_dir, _train_tokenizer_hint(tokenizer_dir))
     except Exception as err:  # a failing Pool initializer would respawn forever: report it on the first task
         _WORKER.update(error=err)
         return
@@ -417,7 +405,7 @@ def prepare_corpus(
     if shard_tokens < 1:
         raise LitModelError(f"shard_tokens must be >= 1, got {shard_tokens}; pass a positive --shard_tokens")
     num_workers = default_num_workers() if num_workers is None else max(1, int(num_workers))
-    tok = load_tokenizer(tokenizer_dir)
+    tok = load_tokenizer(tokenizer_dir, _train_tokenizer_hint(tokenizer_dir))
     tok_hash = tokenizer_hash(tokenizer_dir)
     vocab_size = int(tok.vocab_size)
     eos_id = tok.eos_id
