@@ -238,9 +238,9 @@ def collate_pairs(items: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict
 
 # ---- the data module -----------------------------------------------------------------------------
 class PreferenceData(RecordData):
-    """Preference pairs from one ``.json`` or ``.jsonl`` file (see the module doc): the SFT data module
-    (`litmodel.data.record_data.RecordData`: split, prompt style, loaders, `format_prompt`) with pair records, pair datasets
-    and pair batches; never packed.
+    """Preference pairs from one ``.json`` or ``.jsonl`` file (see the module doc): the record data module SFT uses
+    too (`litmodel.data.record_data.RecordData`: split, prompt style, loaders, `format_prompt`) with pair records,
+    pair datasets and pair batches; never packed.
 
     ``val_split_fraction`` of the records (at least one when > 0 and there are >= 2 records) go to
     validation, chosen by a ``seed``-ed shuffle (the same split every run).

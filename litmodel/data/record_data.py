@@ -46,7 +46,8 @@ class RecordDataset(Dataset):
 
 class RecordData:
     """Records from one ``.json`` or ``.jsonl`` file, split into training and validation, tokenized, batched:
-    what the SFT data (`litmodel.data.sft.JSONData`) and the preference pairs (`litmodel.data.preference.PreferenceData`) share.
+    what the SFT data (`litmodel.data.sft.JSONData`) and the preference pairs
+    (`litmodel.data.preference.PreferenceData`) share.
     A subclass says how records are read (`_load_records`), tokenized (`_dataset`), batched (`_train_items`,
     `_collate`) and described (`describe`).
 

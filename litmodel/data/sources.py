@@ -199,7 +199,7 @@ def iter_data_file(path: Path, doc_prefix: str, text_key: str = "text") -> Itera
             if text is not None:
                 yield f"{doc_prefix}:{i}", text
     elif name.endswith(".parquet"):
-        import pyarrow.parquet as pq  # checked by hub_corpus before iterating
+        import pyarrow.parquet as pq  # optional dependency, only .parquet files need it (hub_corpus checked it)
 
         parquet = pq.ParquetFile(path)
         if text_key not in parquet.schema_arrow.names:
