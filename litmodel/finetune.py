@@ -230,7 +230,7 @@ def _run(method: str, checkpoint_dir: Path, data: Optional[JSONData], out_dir: P
          merge: bool = True, quantize: Optional[str] = None) -> None:
     """Check every input that can be checked here (so a mistake costs no process start and writes nothing),
     build the Fabric and launch `main`."""
-    from litmodel.data.sft import load_records
+    from litmodel.data.records import load_records
     from litmodel.tokenizer import load_tokenizer
 
     out_dir = Path(out_dir)

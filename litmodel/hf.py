@@ -32,7 +32,8 @@ import torch
 
 from litmodel import build_meta_model
 from litmodel.checkpoint import CONFIG_FILE, MODEL_FILE, SAFETENSORS_DTYPES, load_config, read_safetensors_header
-from litmodel.config import HF_MODEL_TYPES, Config, hf_text_config, name_to_config
+from litmodel.config import HF_MODEL_TYPES, Config, hf_text_config
+from litmodel.config_registry import name_to_config
 from litmodel.convert import IGNORED_HF_SUFFIXES, VISION_PREFIXES, hf_aliases, hf_to_lit_plan, lit_to_hf_plan
 from litmodel.convert import _cat, _same  # the plans' layout-preserving functions
 from litmodel.tokenizer import TOKENIZER_FILES, copy_tokenizer_files
@@ -674,7 +675,7 @@ def resolve_repo_id(repo_id: str) -> str:
 
 
 def registry_table() -> str:
-    from litmodel.config import configs
+    from litmodel.config_registry import configs
 
     width = max(len(c["name"]) for c in configs)
     return "\n".join(f"{c['name']:<{width}}  {c['hf_repo_id']}" for c in configs)
