@@ -25,7 +25,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from litmodel.fabric import capture_rng_state, restore_rng_state
-from litmodel.generate import generate_tokens, make_generator
+from litmodel.generate import generate_tokens
+from litmodel.sampling import make_generator
 from litmodel.scoring import score_continuations
 from litmodel.utils import LitModelError
 

@@ -15,6 +15,7 @@ import hmac
 import json
 import time
 import uuid
+from contextlib import asynccontextmanager
 from typing import Any, Optional, Union
 
 from litmodel.utils import LitModelError
@@ -28,7 +29,8 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     raise LitModelError(f'serving needs FastAPI and uvicorn ({err.name} is missing): pip install -e ".[serve]"'
                         ) from None
 
-from litmodel.batching import EngineThread, Output, QueueFull, Request, SamplingParams
+from litmodel.batching import EngineThread, QueueFull
+from litmodel.generation_request import Output, Request, SamplingParams
 
 # OpenAI fields litmodel does not implement: refused (400) rather than silently ignored when set
 UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "suffix", "tools", "functions", "logit_bias")
@@ -127,8 +129,6 @@ def create_app(runner: EngineThread, tokenizer, model_name: str, api_key: str | 
                shutdown_timeout: float = 30.0) -> FastAPI:
     """The FastAPI app serving ``runner``'s engine under the name ``model_name``. The app starts the engine
     thread on startup and stops it on shutdown (in-flight requests get ``shutdown_timeout`` seconds)."""
-    from contextlib import asynccontextmanager
-
     engine = runner.engine
     created = int(time.time())
 
