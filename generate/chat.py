@@ -51,7 +51,8 @@ def main(
     """Interactive multi-turn chat.
 
     Args:
-        checkpoint_dir: A litmodel checkpoint dir (model.safetensors, model_config.yaml, tokenizer files with a chat template).
+        checkpoint_dir: A litmodel checkpoint dir (model.safetensors, model_config.yaml, tokenizer files with a
+            chat template).
         system: An optional system message, kept for the whole conversation (and across !reset).
         max_new_tokens: The most tokens of one reply (a reply also ends at the end-of-turn token).
         temperature: Sampling temperature; 0 is greedy decoding.

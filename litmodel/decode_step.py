@@ -16,7 +16,7 @@ import torch.nn as nn
 DecodeStep = Callable[..., torch.Tensor]
 
 
-def decode_one_token(model: nn.Module, idx: torch.Tensor, input_pos: torch.Tensor, positions: torch.Tensor | None,
+def _decode_one_token(model: nn.Module, idx: torch.Tensor, input_pos: torch.Tensor, positions: torch.Tensor | None,
                       mask: torch.Tensor | None) -> torch.Tensor:
     """Logits (B, V) of the next token after ``idx`` (B, 1) written at cache slot ``input_pos`` (1,)."""
     return model(idx, input_pos, positions=positions, mask=mask)[:, -1]
@@ -35,7 +35,7 @@ def make_decode_step(model: nn.Module, compile: bool = False, mode: str | None =
     """
 
     def step(idx, input_pos, positions=None, mask=None):
-        return decode_one_token(model, idx, input_pos, positions, mask)
+        return _decode_one_token(model, idx, input_pos, positions, mask)
 
     device = next(model.parameters(), torch.empty(0)).device
     if not compile:
@@ -82,7 +82,7 @@ class CUDAGraphStep:
         self.failed = False
 
     def _eager(self, idx, input_pos, positions=None, mask=None):
-        return decode_one_token(self.model, idx, input_pos, positions, mask)
+        return _decode_one_token(self.model, idx, input_pos, positions, mask)
 
     def __call__(self, idx, input_pos, positions=None, mask=None):
         if self.failed:

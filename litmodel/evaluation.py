@@ -65,8 +65,9 @@ class LitLM(TemplateLM):
         if batch_size < 1:
             raise LitModelError(f"--batch_size must be >= 1, got {batch_size}")
         if tokenizer.eos_id is None and tokenizer.bos_id is None:
-            raise LitModelError(f"the tokenizer in {tokenizer.checkpoint_dir} has neither an EOS nor a BOS token, which "
-                                "the harness needs as the context of an empty prompt; add one to tokenizer_config.json")
+            raise LitModelError(f"the tokenizer in {tokenizer.checkpoint_dir} has neither an EOS nor a BOS token, "
+                                "which the harness needs as the context of an empty prompt; add one to "
+                                "tokenizer_config.json")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -281,9 +282,10 @@ def run_tasks(lm, tasks: Sequence[str], manager=None, num_fewshot: int | None = 
               apply_chat_template: bool = False, fewshot_as_multiturn: bool | None = None,
               seed: int | None = None, log_samples: bool = False, bootstrap_iters: int = 100_000,
               verbose: bool = True) -> dict[str, Any]:
-    """Run lm-eval's tasks on ``lm`` (a `LitLM`, or any lm-eval `LM`) and return its results dict (``results``, ``configs``, ``n-shot``, ...;
-    ``samples`` when ``log_samples``). ``seed`` sets python, numpy, torch and few-shot seeds (default:
-    lm-eval's 0/1234/1234/1234). ``fewshot_as_multiturn`` defaults to ``apply_chat_template``, as lm-eval's CLI."""
+    """Run lm-eval's tasks on ``lm`` (a `LitLM`, or any lm-eval `LM`) and return its results dict (``results``,
+    ``configs``, ``n-shot``, ...; ``samples`` when ``log_samples``). ``seed`` sets python, numpy, torch and
+    few-shot seeds (default: lm-eval's 0/1234/1234/1234). ``fewshot_as_multiturn`` defaults to
+    ``apply_chat_template``, as lm-eval's CLI."""
     check_limit(limit)
     manager = manager or task_manager(tasks, include_path)
     seeds = DEFAULT_SEEDS if seed is None else (seed,) * 4

@@ -38,6 +38,7 @@ class CacheState:
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (quantized layers hold integer ones too)."""
     for p in model.parameters():
         if p.is_floating_point():
             return p.dtype

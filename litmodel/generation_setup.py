@@ -65,7 +65,8 @@ def setup_generation(checkpoint_dir: str | Path, device: str | None = "auto", pr
     dev = resolve_device(device)
     dtype = inference_dtype(precision, dev)
     if quantize is not None and quantize not in INFERENCE_QUANTIZE_MODES:
-        raise LitModelError(f"unknown --quantize {quantize!r}; choose one of {', '.join(INFERENCE_QUANTIZE_MODES)} (or omit it)")
+        raise LitModelError(f"unknown --quantize {quantize!r}; choose one of {', '.join(INFERENCE_QUANTIZE_MODES)} "
+                            "(or omit it)")
     d = check_checkpoint_dir(checkpoint_dir)
     tokenizer = load_tokenizer(d)
     config = load_config(d)

@@ -58,6 +58,7 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """A `torch.Generator` on ``device`` seeded with ``seed``; None (torch's global one) without a seed."""
     if seed is None:
         return None
     g = torch.Generator(device=torch.device(device))
@@ -66,6 +67,7 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float) -> None:
+    """One-line errors for sampling flags out of range (before anything is loaded)."""
     if temperature < 0:
         raise LitModelError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
     if not (0 < top_p <= 1):

@@ -1,8 +1,8 @@
 """The OpenAI-compatible HTTP API (FastAPI) over a continuous-batching engine (`litmodel.batching`).
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``.
-Each HTTP request becomes one `litmodel.batching.Request`; the engine runs in its own thread and hands
-its outputs to the request's asyncio queue, so the event loop only parses JSON and writes bytes.
+Each HTTP request becomes one `litmodel.generation_request.Request`; the engine runs in its own thread and
+hands its outputs to the request's asyncio queue, so the event loop only parses JSON and writes bytes.
 Errors have OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: 400 for invalid requests,
 401 for a missing or wrong API key, 429 when every slot is busy and the waiting queue is full.
 `generate/serve.py` builds the engine and runs this app with uvicorn.

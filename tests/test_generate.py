@@ -12,8 +12,8 @@ from litmodel import Config, build_model
 from litmodel.decode_step import make_decode_step
 from litmodel.generate import CacheState, generate, generate_batch
 from litmodel.generation_cli import check_lengths, fit_conversation, model_bytes
-from litmodel.sampling import check_sampling, make_generator, sample_logits, sampling_probs, top_k_top_p_filter
 from litmodel.quantize import DecodeLinear, Int8Embedding, Int8Linear, optimize_for_decode, quantize_int8
+from litmodel.sampling import check_sampling, make_generator, sample_logits, sampling_probs, top_k_top_p_filter
 from litmodel.utils import LitModelError
 
 transformers = pytest.importorskip("transformers")
