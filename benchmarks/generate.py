@@ -46,7 +46,9 @@ import torch
 import torch.nn as nn
 
 from litmodel import Config, build_model
-from litmodel.generate import generate, make_decode_step, prepare_model
+from litmodel.decode_step import make_decode_step
+from litmodel.generate import generate
+from litmodel.generation_setup import prepare_model
 from litmodel.precision import inference_dtype
 from litmodel.quantize import optimize_for_decode
 from litmodel.speculative import SpeculativeStats, speculative_generate

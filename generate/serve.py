@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from litmodel.batching import BatchEngine, EngineThread
-from litmodel.generate import model_bytes, setup_generation
+from litmodel.cli import parse_function_args
+from litmodel.generation_cli import model_bytes
+from litmodel.generation_setup import setup_generation
 from litmodel.precision import precision_name
 from litmodel.utils import LitModelError, cli_main
 
@@ -110,8 +112,6 @@ def main(
 
 
 def setup(argv: Optional[list[str]] = None) -> None:
-    from litmodel.cli import parse_function_args
-
     main(**parse_function_args(main, argv, __doc__))
 
 

@@ -34,7 +34,8 @@ from typing import Literal, Optional, Union
 import torch
 
 from litmodel.checkpoint import MODEL_FILE, SAFETENSORS_DTYPES, load_config, load_model, read_safetensors_header
-from litmodel.data.sft import IGNORE_INDEX, JSON, JSONData, load_records  # noqa: F401 (JSON: --data JSON)
+from litmodel.data.records import load_records
+from litmodel.data.sft import IGNORE_INDEX, JSON, JSONData  # noqa: F401 (JSON: --data JSON)
 from litmodel.fabric import Fabric
 from litmodel.finetune_args import (FinetuneEvalArgs, FinetuneTrainArgs, LoRAArgs, RunSpec, check_quantize,
                                     check_run_inputs, document_flags, full_train_defaults, lora_hparams,

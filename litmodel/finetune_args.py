@@ -21,12 +21,12 @@ from litmodel.cli import parse_function_args
 from litmodel.config import Config
 from litmodel.dpo import DPOArgs
 from litmodel.fabric import Fabric
-from litmodel.generate import load_tokenizer
 from litmodel.loggers import build_loggers
 from litmodel.lora import LoRAConfig
 from litmodel.precision import resolve_precision
 from litmodel.quantize import TRAINING_QUANTIZE_MODES
 from litmodel.training_args import EvalArgs, TrainArgs, accumulation_steps
+from litmodel.tokenizer import load_tokenizer
 from litmodel.training_state import resolve_resume
 from litmodel.utils import LitModelError
 

@@ -32,9 +32,11 @@ import torch
 
 from litmodel import build_meta_model
 from litmodel.checkpoint import CONFIG_FILE, MODEL_FILE, SAFETENSORS_DTYPES, load_config, read_safetensors_header
-from litmodel.config import HF_MODEL_TYPES, Config, hf_text_config, name_to_config
+from litmodel.config import HF_MODEL_TYPES, Config, hf_text_config
+from litmodel.config_registry import name_to_config
 from litmodel.convert import IGNORED_HF_SUFFIXES, VISION_PREFIXES, hf_aliases, hf_to_lit_plan, lit_to_hf_plan
 from litmodel.convert import _cat, _same  # the plans' layout-preserving functions
+from litmodel.tokenizer import TOKENIZER_FILES, copy_tokenizer_files
 from litmodel.utils import LitModelError, fsync_tree, parse_dtype
 
 SAFE_WEIGHTS = "model.safetensors"
@@ -43,40 +45,8 @@ BIN_WEIGHTS = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 HF_CONFIG = "config.json"
 
-# Used only if litmodel.tokenizer is unavailable; the union of both lists is downloaded.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                    "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt")
-
 _DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 _BYTE_PRESERVING = (_same, _cat)
-
-
-def tokenizer_file_names() -> tuple[str, ...]:
-    try:
-        from litmodel.tokenizer import TOKENIZER_FILES
-    except ImportError:
-        TOKENIZER_FILES = ()
-    return tuple(dict.fromkeys((*TOKENIZER_FILES, *_TOKENIZER_FILES)))
-
-
-def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
-    """Copy the tokenizer files (and generation_config.json) that exist in ``src`` into ``dst``."""
-    src, dst = Path(src), Path(dst)
-    if src.resolve() == dst.resolve():
-        return [n for n in tokenizer_file_names() if (src / n).is_file()]
-    try:
-        from litmodel.tokenizer import copy_tokenizer_files as _copy
-    except ImportError:
-        _copy = None
-    if _copy is not None:
-        _copy(src, dst)
-    copied = []
-    for name in tokenizer_file_names():
-        if (src / name).is_file():
-            if not (dst / name).is_file():
-                shutil.copyfile(src / name, dst / name)  # follows the HF cache's symlinks
-            copied.append(name)
-    return copied
 
 
 def parse_size(size: int | str) -> int:
@@ -705,7 +675,7 @@ def resolve_repo_id(repo_id: str) -> str:
 
 
 def registry_table() -> str:
-    from litmodel.config import configs
+    from litmodel.config_registry import configs
 
     width = max(len(c["name"]) for c in configs)
     return "\n".join(f"{c['name']:<{width}}  {c['hf_repo_id']}" for c in configs)
@@ -819,13 +789,13 @@ def download(repo_id: str, checkpoint_root: str | Path = "checkpoints", access_t
     parse_dtype(dtype)  # fail on a bad --dtype before downloading gigabytes
     out_dir = Path(checkpoint_root) / repo_id
     with hub_errors(repo_id, token):
-        patterns = [HF_CONFIG, *tokenizer_file_names()]
+        patterns = [HF_CONFIG, *TOKENIZER_FILES]
         if not tokenizer_only:
             patterns += weight_patterns(list_repo_files(repo_id, token))
         snapshot = Path(snapshot_download(repo_id, allow_patterns=patterns, token=token))
     if tokenizer_only:
-        if not any((snapshot / n).is_file() for n in tokenizer_file_names()):
-            raise LitModelError(f"{repo_id} has no tokenizer files ({', '.join(tokenizer_file_names())})")
+        if not any((snapshot / n).is_file() for n in TOKENIZER_FILES):
+            raise LitModelError(f"{repo_id} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
         with staging_dir(out_dir) as tmp:
             copy_tokenizer_files(snapshot, tmp)
             publish(tmp, out_dir)

@@ -28,7 +28,8 @@ from litmodel.loggers import build_loggers
 from litmodel.losses import language_model_loss
 from litmodel.plot import write_loss_plot
 from litmodel.precision import resolve_precision
-from litmodel.tokenizer import Tokenizer, train_tokenizer
+from litmodel.tokenizer import Tokenizer
+from litmodel.tokenizer_training import train_tokenizer
 from litmodel.training import fit
 from litmodel.training_args import EvalArgs, TrainArgs, accumulation_steps, build_optimizer
 from litmodel.training_state import resolve_resume, save_final_checkpoint

@@ -23,9 +23,11 @@ from typing import Literal, Optional
 import torch
 
 from litmodel.checkpoint import check_checkpoint_dir, load_model
-from litmodel.generate import load_tokenizer, resolve_device
+from litmodel.cli import parse_function_args
+from litmodel.generation_setup import resolve_device
 from litmodel.precision import INFERENCE_DTYPES
 from litmodel.scoring import perplexity
+from litmodel.tokenizer import load_tokenizer
 from litmodel.utils import LitModelError, atomic_file, cli_main
 
 
@@ -117,7 +119,7 @@ def main(
             tmp.write_text(json.dumps(report["perplexity"], indent=2) + "\n")
 
     if task_list:
-        from lm_eval.utils import handle_non_serializable, make_table
+        from lm_eval.utils import handle_non_serializable, make_table  # deferred: lm-eval, see above
 
         lm = evaluation.LitLM(model, tokenizer, batch_size=batch_size, max_length=max_seq_length,
                               seed=evaluation.DEFAULT_SEEDS[2] if seed is None else seed, name=str(checkpoint_dir))
@@ -143,8 +145,6 @@ def main(
 
 
 def setup(argv: Optional[list[str]] = None) -> dict:
-    from litmodel.cli import parse_function_args
-
     return main(**parse_function_args(main, argv, __doc__))
 
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from litmodel.checkpoint import load_model
-from litmodel.config import configs
+from litmodel.config_registry import configs
 from litmodel.hf import weight_patterns
 
 transformers = pytest.importorskip("transformers")
