@@ -16,7 +16,8 @@ import torch.nn as nn
 
 from litmodel import build_meta_model
 from litmodel.config import Config
-from litmodel.utils import LitModelError, atomic_file
+from litmodel.atomic import atomic_dir, atomic_file
+from litmodel.utils import LitModelError
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "model_config.yaml"
@@ -135,8 +136,6 @@ def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu", d
 def save_checkpoint_dir(out_dir: str | Path, model_or_state: nn.Module | dict, config: Config,
                         tokenizer_dir: str | Path | None = None) -> Path:
     """Write a complete checkpoint dir atomically: a half-written dir is never left under `out_dir`."""
-    from litmodel.utils import atomic_dir
-
     if isinstance(model_or_state, nn.Module):
         state = model_state_for_saving(model_or_state)
     else:

@@ -48,7 +48,8 @@ from litmodel.plot import write_loss_plot
 from litmodel.sharded_checkpoint import fill_from_checkpoint
 from litmodel.training import (EvalArgs, TrainArgs, accumulation_steps, build_optimizer, fit, language_model_loss,
                                resolve_precision, resolve_resume, save_final_checkpoint)
-from litmodel.utils import LitModelError, atomic_dir
+from litmodel.atomic import atomic_dir
+from litmodel.utils import LitModelError
 
 QUANTIZE_MODES = {"nf4": "nf4", "bnb.nf4": "nf4"}  # --quantize value -> mode (litgpt's name as an alias)
 

@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,8 @@ from litmodel.checkpoint import CONFIG_FILE, MODEL_FILE, SAFETENSORS_DTYPES, loa
 from litmodel.config import HF_MODEL_TYPES, Config, hf_text_config, name_to_config
 from litmodel.convert import IGNORED_HF_SUFFIXES, VISION_PREFIXES, hf_aliases, hf_to_lit_plan, lit_to_hf_plan
 from litmodel.convert import _cat, _same  # the plans' layout-preserving functions
-from litmodel.utils import LitModelError, fsync_tree, parse_dtype
+from litmodel.atomic import publish, staging_dir
+from litmodel.utils import LitModelError, parse_dtype
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -529,73 +529,6 @@ def _plan_steps(plan, stored: dict[str, str], source: TensorSource, expect: dict
     if expect is not None and set(expect) - set(plan):
         raise LitModelError(f"no conversion rule for {sorted(set(expect) - set(plan))[0]!r}")
     return steps
-
-
-# ================================================================== output dirs
-@contextlib.contextmanager
-def staging_dir(out_dir: Path) -> Iterator[Path]:
-    """A temp dir where the outputs are written: inside ``out_dir`` when it exists, else beside it.
-
-    Parent dirs created here are removed again if the block fails, so a failed run leaves nothing.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise LitModelError(f"output dir {out_dir} is a file; pass a directory as --out_dir")
-    created: list[Path] = []
-    base = out_dir if out_dir.is_dir() else out_dir.parent
-    try:
-        for p in reversed([base, *base.parents]):
-            if not p.exists():
-                p.mkdir()
-                created.append(p)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=base))
-    except OSError as err:
-        _remove_dirs(created)
-        raise LitModelError(f"cannot create the output under {base} ({err.strerror or err}); "
-                            "choose another --out_dir") from None
-    try:
-        yield tmp
-    except OSError as err:  # disk full, permissions, ...: say so on one line, leave nothing behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        _remove_dirs(created)
-        raise LitModelError(f"writing {out_dir} failed ({err.strerror or err}"
-                            f"{': ' + str(err.filename) if getattr(err, 'filename', None) else ''}); "
-                            "free disk space or choose another --out_dir") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _remove_dirs(created)
-        raise
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _remove_dirs(created: list[Path]) -> None:
-    for p in reversed(created):
-        with contextlib.suppress(OSError):
-            p.rmdir()
-
-
-def publish(tmp: Path, out_dir: Path, last: tuple[str, ...] = (), remove: Iterable[str] = ()) -> None:
-    """Move the complete outputs from ``tmp`` into ``out_dir`` (one rename if it does not exist yet).
-
-    Into an existing dir each file is renamed separately, the files named in ``last`` at the end
-    (their presence marks a complete dir); stale files named in ``remove`` are deleted before them.
-    """
-    fsync_tree(tmp)  # contents on disk before any name is published
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        fsync_tree(out_dir.parent, recursive=False)
-        return
-    names = sorted(p.name for p in tmp.iterdir())
-    for name in names:
-        if name not in last:
-            os.replace(tmp / name, out_dir / name)
-    for stale in remove:
-        if stale not in names:
-            (out_dir / stale).unlink(missing_ok=True)
-    for name in last:
-        if name in names:
-            os.replace(tmp / name, out_dir / name)
-    fsync_tree(out_dir, recursive=False)
 
 
 # ================================================================== HF -> litmodel

@@ -44,7 +44,8 @@ import torch.nn.functional as F
 import yaml
 
 from litmodel.nf4 import NF4Linear, dequantize_nf4, is_nf4, nf4_linear
-from litmodel.utils import LitModelError, atomic_file
+from litmodel.atomic import atomic_file
+from litmodel.utils import LitModelError
 
 LORA_WEIGHTS_FILE = "lora.safetensors"
 LORA_CONFIG_FILE = "lora_config.yaml"

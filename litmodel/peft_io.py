@@ -37,7 +37,8 @@ from litmodel.checkpoint import load_config, mmap_safetensors
 from litmodel.config import Config
 from litmodel.convert import _transpose, lit_to_hf_plan
 from litmodel.lora import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, LoRAConfig
-from litmodel.utils import LitModelError, atomic_dir
+from litmodel.atomic import atomic_dir
+from litmodel.utils import LitModelError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_BIN = "adapter_model.bin"

@@ -19,7 +19,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from litmodel.utils import LitModelError, atomic_dir
+from litmodel.atomic import atomic_dir
+from litmodel.utils import LitModelError
 
 TOKENIZER_FILES = (
     "tokenizer.json",

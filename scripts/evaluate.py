@@ -25,7 +25,8 @@ import torch
 from litmodel.checkpoint import check_checkpoint_dir, load_model
 from litmodel.generate import PRECISIONS, load_tokenizer, resolve_device
 from litmodel.scoring import perplexity
-from litmodel.utils import LitModelError, atomic_file, cli_main
+from litmodel.atomic import atomic_file
+from litmodel.utils import LitModelError, cli_main
 
 
 def main(

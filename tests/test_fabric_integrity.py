@@ -289,8 +289,7 @@ def _check_published(events, tmp: str, target: Path) -> None:
 
 
 def test_atomic_writes_fsync_before_publishing(tmp_path, io_log):
-    from litmodel.hf import publish
-    from litmodel.utils import atomic_dir, atomic_file
+    from litmodel.atomic import atomic_dir, atomic_file, publish
 
     with atomic_file(tmp_path / "a.txt") as tmp:
         tmp.write_text("x")

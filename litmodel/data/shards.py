@@ -25,7 +25,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from litmodel.utils import LitModelError, atomic_dir, fsync_tree
+from litmodel.atomic import atomic_dir, swap_into_place
+from litmodel.utils import LitModelError
 
 FORMAT = "litmodel.token_shards"
 FORMAT_VERSION = 1
@@ -174,8 +175,7 @@ def write_index(split_dir: str | os.PathLike, index: dict[str, Any]) -> None:
     path = Path(split_dir) / INDEX_NAME
     tmp = path.with_name(f".{INDEX_NAME}.tmp")
     tmp.write_text(json.dumps(index, indent=2) + "\n")
-    fsync_tree(tmp)
-    os.replace(tmp, path)
+    swap_into_place(tmp, path)
 
 
 def read_index(split_dir: str | os.PathLike) -> dict[str, Any]:
