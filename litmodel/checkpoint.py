@@ -6,72 +6,19 @@ safetensors file, so the weights are never held twice in memory.
 
 from __future__ import annotations
 
-import json
-import mmap
-import struct
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from litmodel import build_meta_model
+from litmodel.atomic import atomic_dir
 from litmodel.config import Config
-from litmodel.atomic import atomic_dir, atomic_file
+from litmodel.safetensors_io import mmap_safetensors, save_safetensors
 from litmodel.utils import LitModelError
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "model_config.yaml"
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def read_safetensors_header(path: str | Path) -> tuple[dict, int]:
-    """(header without `__metadata__`, offset where the tensor data starts); checks the file is complete."""
-    path = Path(path)
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8:
-                raise ValueError("header longer than the file")
-            header = json.loads(f.read(n))
-    except (struct.error, ValueError, UnicodeDecodeError) as err:
-        raise LitModelError(f"{path} is not a valid safetensors file ({err}); re-download or re-convert it") from err
-    header.pop("__metadata__", None)
-    end = max((info["data_offsets"][1] for info in header.values()), default=0)
-    if 8 + n + end > size:
-        raise LitModelError(f"{path} is truncated ({size} bytes, its header needs {8 + n + end}); "
-                            "re-download or re-convert it")
-    return header, 8 + n
-
-
-def mmap_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file as copy-on-write views of a memory map (no copy made)."""
-    header, start = read_safetensors_header(path)
-    with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    tensors = {}
-    for name, info in header.items():
-        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise LitModelError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        begin, end = info["data_offsets"]
-        count = (end - begin) // dtype.itemsize
-        t = torch.frombuffer(mm, dtype=dtype, count=count, offset=start + begin) if count else torch.empty(0, dtype=dtype)
-        tensors[name] = t.view(info["shape"])
-    return tensors
-
-
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
-    """Write tensors atomically (temp file, then rename)."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
-    with atomic_file(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata or {"format": "pt"})
-
 
 def model_state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict as it goes into `model.safetensors` (a tied head is stored once)."""

@@ -36,8 +36,8 @@ from typing import Literal, Optional, Union
 import torch
 import torch.nn as nn
 
-from litmodel.checkpoint import (CONFIG_FILE, MODEL_FILE, SAFETENSORS_DTYPES, check_checkpoint_dir, load_config,
-                                 load_model, model_state_for_saving, read_safetensors_header, save_safetensors)
+from litmodel.checkpoint import (CONFIG_FILE, MODEL_FILE, check_checkpoint_dir, load_config, load_model,
+                                 model_state_for_saving)
 from litmodel.data.sft import IGNORE_INDEX, JSON, JSONData
 from litmodel.fabric import Fabric
 from litmodel.flops import train_flops_per_token
@@ -45,6 +45,7 @@ from litmodel.nf4 import load_model_nf4, nf4_model_nbytes, round_trip_nf4_
 from litmodel.lora import (LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, LoRAConfig, apply_lora, load_lora,
                            mark_only_lora_as_trainable, merge_lora)
 from litmodel.plot import write_loss_plot
+from litmodel.safetensors_io import SAFETENSORS_DTYPES, read_safetensors_header, save_safetensors
 from litmodel.sharded_checkpoint import fill_from_checkpoint
 from litmodel.training import (EvalArgs, TrainArgs, accumulation_steps, build_optimizer, fit, language_model_loss,
                                resolve_precision, resolve_resume, save_final_checkpoint)

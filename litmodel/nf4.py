@@ -193,7 +193,7 @@ def load_model_nf4(checkpoint_dir: str | Path, device: str | torch.device = "cpu
     memory is the NF4 model plus about the largest tensor. ``shards``: the number of FSDP ranks the
     weights will be split over (the NF4 blocks must not straddle shards). Every parameter is frozen.
     """
-    from litmodel.hf import TensorSource
+    from litmodel.safetensors_io import TensorSource
 
     d = check_checkpoint_dir(checkpoint_dir)
     config = load_config(d)

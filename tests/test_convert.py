@@ -20,9 +20,9 @@ from safetensors.torch import load_file, save_file
 from litmodel import build_model
 from litmodel.checkpoint import load_model
 from litmodel.config import Config
-from litmodel.convert import IGNORED_HF_SUFFIXES
-from litmodel.hf import (Step, convert_hf_checkpoint, convert_lit_checkpoint, parse_size, run_steps,
-                         write_safetensors_stream, TensorSource)
+from litmodel.hf import convert_hf_checkpoint, convert_lit_checkpoint, parse_size, run_steps
+from litmodel.hf_names import IGNORED_HF_SUFFIXES
+from litmodel.safetensors_io import Step, TensorSource, write_safetensors_stream
 from litmodel.utils import LitModelError, num_parameters
 
 transformers = pytest.importorskip("transformers")

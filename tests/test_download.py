@@ -22,7 +22,7 @@ import torch
 
 from litmodel.checkpoint import load_model
 from litmodel.config import configs
-from litmodel.hf import weight_patterns
+from litmodel.hub import weight_patterns
 
 transformers = pytest.importorskip("transformers")
 

@@ -156,7 +156,7 @@ def _vm_kb(field: str) -> int:
 def fsdp_worker(fabric: Fabric, small: str, lora_ref: dict, big: str, out_dir: str) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from litmodel.checkpoint import mmap_safetensors
+    from litmodel.safetensors_io import mmap_safetensors
     from litmodel.fabric.sharded_load import local_box
     from litmodel.sharded_checkpoint import fill_from_checkpoint
 
