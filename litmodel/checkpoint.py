@@ -7,6 +7,7 @@ safetensors file, so the weights are never held twice in memory.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -48,16 +49,16 @@ def load_config(checkpoint_dir: str | Path) -> Config:
     return Config.from_yaml(check_checkpoint_dir(checkpoint_dir) / CONFIG_FILE)
 
 
-def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Raise a one-line error naming the first tensor that does not fit the model."""
+def check_tensor_shapes(model: nn.Module, shapes: Mapping[str, Sequence[int]], source: str) -> None:
+    """Raise a one-line error naming the first tensor of ``source`` (name -> shape) that does not fit the model."""
     expected = model_state_for_saving(model)
-    for name, t in state_dict.items():
+    for name, shape in shapes.items():
         if name not in expected:
             raise LitModelError(f"{source}: unexpected tensor {name!r}; the file does not belong to this model config")
-        if tuple(t.shape) != tuple(expected[name].shape):
-            raise LitModelError(f"{source}: tensor {name!r} has shape {tuple(t.shape)} but the config needs "
+        if tuple(shape) != tuple(expected[name].shape):
+            raise LitModelError(f"{source}: tensor {name!r} has shape {tuple(shape)} but the config needs "
                                 f"{tuple(expected[name].shape)}; the weights do not match model_config.yaml")
-    missing = [n for n in expected if n not in state_dict]
+    missing = [n for n in expected if n not in shapes]
     if missing:
         raise LitModelError(f"{source}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
 
@@ -69,7 +70,7 @@ def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu", d
     config = config or load_config(d)
     model = build_meta_model(config)
     state_dict = mmap_safetensors(d / MODEL_FILE)
-    check_state_dict(model, state_dict, str(d / MODEL_FILE))
+    check_tensor_shapes(model, {k: t.shape for k, t in state_dict.items()}, str(d / MODEL_FILE))
     device = torch.device(device)
     if dtype is not None or device.type != "cpu":
         state_dict = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None)
