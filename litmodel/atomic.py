@@ -98,8 +98,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; it replaces ``path`` only if the block succeeds.
 
-    With an existing ``path`` the old directory is moved aside first and removed after the swap,
-    so at every moment either the old or the new complete directory exists under a known name.
+    With an existing ``path`` the old directory is moved aside first and removed after the swap
+    (``swap_into_place``), so at every moment the old or the new complete directory exists.
     """
     path = Path(path)
     if path.exists() and not overwrite:

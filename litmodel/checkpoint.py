@@ -16,6 +16,7 @@ from litmodel import build_meta_model
 from litmodel.atomic import atomic_dir
 from litmodel.config import Config
 from litmodel.safetensors_io import mmap_safetensors, save_safetensors
+from litmodel.tokenizer import copy_tokenizer_files
 from litmodel.utils import LitModelError
 
 MODEL_FILE = "model.safetensors"
@@ -95,7 +96,5 @@ def save_checkpoint_dir(out_dir: str | Path, model_or_state: nn.Module | dict, c
         save_safetensors(state, tmp / MODEL_FILE)
         config.to_yaml(tmp / CONFIG_FILE)
         if tokenizer_dir is not None:
-            from litmodel.tokenizer import copy_tokenizer_files
-
             copy_tokenizer_files(tokenizer_dir, tmp)
     return out_dir

@@ -165,68 +165,6 @@ def guess_repo_id(hf_dir: Path, hf: dict) -> str | None:
     return None
 
 
-# ================================================================== running the steps
-def _concatenates(fn: Callable) -> bool:
-    """Whether ``fn``'s output bytes are its inputs' bytes in order (rename, cat along dim 0, stack)."""
-    return fn in _BYTE_PRESERVING or getattr(fn, "concat_bytes", False)
-
-
-def _byte_ranges(step: Step, source: TensorSource) -> list[tuple[int, int, int]] | None:
-    """The source byte ranges whose concatenation is the output, when the step keeps the bytes as
-    they are (a renamed tensor, or fused tensors concatenated along dim 0, in the same dtype)."""
-    if source.kind != "safetensors" or not _concatenates(step.fn):
-        return None
-    infos = [source.infos[n] for n in step.sources]
-    if any(i.dtype != step.dtype for i in infos):
-        return None
-    return [(source.fd(i.file), i.offset, i.nbytes) for i in infos]
-
-
-def run_steps(steps: list[Step], source: TensorSource) -> Iterator[list[Chunk]]:
-    """For each step, the chunks whose bytes, in order, are its output tensor.
-
-    Layout-preserving steps become source byte ranges; the others read their sources into a few
-    reused buffers (so pages are faulted in once, not per tensor) and build the tensor. Consecutive
-    steps with the same sources share one read. Chunks are valid until the next step is requested.
-    """
-    cache: dict[str, torch.Tensor] = {}
-    in_buffers: list[torch.Tensor] = []
-    out_buffers: list[torch.Tensor] = []
-
-    def buffer(pool: list[torch.Tensor], j: int, nbytes: int) -> torch.Tensor:
-        while len(pool) <= j:
-            pool.append(torch.empty(0, dtype=torch.uint8))
-        if pool[j].numel() < nbytes:
-            pool[j] = torch.empty(0, dtype=torch.uint8)  # free the old one first
-            pool[j] = torch.empty(nbytes, dtype=torch.uint8)
-        return pool[j][:nbytes]
-
-    def cast(j: int, t: torch.Tensor) -> torch.Tensor:
-        if t.dtype == step.dtype:
-            return t
-        out = buffer(out_buffers, j, t.numel() * step.dtype.itemsize).view(step.dtype).view(t.shape)
-        return out.copy_(t)  # into a reused buffer: no fresh pages to fault in
-
-    for step in steps:
-        ranges = _byte_ranges(step, source)
-        if ranges is not None:
-            yield list(ranges)
-            continue
-        if list(cache) != step.sources:
-            cache = {n: source.read(n, buffer(in_buffers, j, source.infos[n].nbytes)
-                                    if source.kind == "safetensors" else None)
-                     for j, n in enumerate(step.sources)}
-        tensors = [cache[n] for n in step.sources]
-        if step.fn is not unchanged and _concatenates(step.fn) and all(t.dim() >= 1 for t in tensors):
-            chunks = [cast(j, t) for j, t in enumerate(tensors)]  # cat along dim 0 = the parts' bytes in order
-        else:
-            chunks = [cast(0, step.fn(*tensors))]
-        if sum(c.numel() for c in chunks) != math.prod(step.shape):  # cannot happen: shapes come from the plan
-            raise RuntimeError(f"{step.name}: built {sum(c.numel() for c in chunks)} elements, planned {step.shape}")
-        yield chunks
-        del chunks, tensors
-
-
 # ================================================================== plans -> steps, with validation
 def _meta(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="meta")
@@ -322,6 +260,68 @@ def _plan_steps(plan, stored: dict[str, str], source: TensorSource, expect: dict
     if expect is not None and set(expect) - set(plan):
         raise LitModelError(f"no conversion rule for {sorted(set(expect) - set(plan))[0]!r}")
     return steps
+
+
+# ================================================================== running the steps
+def _concatenates(fn: Callable) -> bool:
+    """Whether ``fn``'s output bytes are its inputs' bytes in order (rename, cat along dim 0, stack)."""
+    return fn in _BYTE_PRESERVING or getattr(fn, "concat_bytes", False)
+
+
+def _byte_ranges(step: Step, source: TensorSource) -> list[tuple[int, int, int]] | None:
+    """The source byte ranges whose concatenation is the output, when the step keeps the bytes as
+    they are (a renamed tensor, or fused tensors concatenated along dim 0, in the same dtype)."""
+    if source.kind != "safetensors" or not _concatenates(step.fn):
+        return None
+    infos = [source.infos[n] for n in step.sources]
+    if any(i.dtype != step.dtype for i in infos):
+        return None
+    return [(source.fd(i.file), i.offset, i.nbytes) for i in infos]
+
+
+def run_steps(steps: list[Step], source: TensorSource) -> Iterator[list[Chunk]]:
+    """For each step, the chunks whose bytes, in order, are its output tensor.
+
+    Layout-preserving steps become source byte ranges; the others read their sources into a few
+    reused buffers (so pages are faulted in once, not per tensor) and build the tensor. Consecutive
+    steps with the same sources share one read. Chunks are valid until the next step is requested.
+    """
+    cache: dict[str, torch.Tensor] = {}
+    in_buffers: list[torch.Tensor] = []
+    out_buffers: list[torch.Tensor] = []
+
+    def buffer(pool: list[torch.Tensor], j: int, nbytes: int) -> torch.Tensor:
+        while len(pool) <= j:
+            pool.append(torch.empty(0, dtype=torch.uint8))
+        if pool[j].numel() < nbytes:
+            pool[j] = torch.empty(0, dtype=torch.uint8)  # free the old one first
+            pool[j] = torch.empty(nbytes, dtype=torch.uint8)
+        return pool[j][:nbytes]
+
+    def cast(j: int, t: torch.Tensor) -> torch.Tensor:
+        if t.dtype == step.dtype:
+            return t
+        out = buffer(out_buffers, j, t.numel() * step.dtype.itemsize).view(step.dtype).view(t.shape)
+        return out.copy_(t)  # into a reused buffer: no fresh pages to fault in
+
+    for step in steps:
+        ranges = _byte_ranges(step, source)
+        if ranges is not None:
+            yield list(ranges)
+            continue
+        if list(cache) != step.sources:
+            cache = {n: source.read(n, buffer(in_buffers, j, source.infos[n].nbytes)
+                                    if source.kind == "safetensors" else None)
+                     for j, n in enumerate(step.sources)}
+        tensors = [cache[n] for n in step.sources]
+        if step.fn is not unchanged and _concatenates(step.fn) and all(t.dim() >= 1 for t in tensors):
+            chunks = [cast(j, t) for j, t in enumerate(tensors)]  # cat along dim 0 = the parts' bytes in order
+        else:
+            chunks = [cast(0, step.fn(*tensors))]
+        if sum(c.numel() for c in chunks) != math.prod(step.shape):  # cannot happen: shapes come from the plan
+            raise RuntimeError(f"{step.name}: built {sum(c.numel() for c in chunks)} elements, planned {step.shape}")
+        yield chunks
+        del chunks, tensors
 
 
 # ================================================================== HF -> litmodel
