@@ -193,7 +193,8 @@ def _torch_load(file: Path) -> dict:
 # ---- streaming writer
 @dataclass
 class Step:
-    """One output tensor: built by ``fn`` from the source tensors ``sources``."""
+    """One planned output tensor: ``name``, ``shape`` and ``dtype`` go into the header; its bytes are
+    ``fn`` applied to the source tensors ``sources`` (a conversion plan's rule, see ``litmodel.hf``)."""
 
     name: str
     sources: list[str]
