@@ -36,8 +36,8 @@ from typing import Literal, Optional, Union
 import torch
 import torch.nn as nn
 
-from litmodel.checkpoint import (CONFIG_FILE, MODEL_FILE, SAFETENSORS_DTYPES, check_checkpoint_dir, load_config,
-                                 load_model, model_state_for_saving, read_safetensors_header, save_safetensors)
+from litmodel.checkpoint import (CONFIG_FILE, MODEL_FILE, check_checkpoint_dir, load_config, load_model,
+                                 model_state_for_saving)
 from litmodel.data.sft import IGNORE_INDEX, JSON, JSONData
 from litmodel.fabric import Fabric
 from litmodel.flops import train_flops_per_token
@@ -47,10 +47,12 @@ from litmodel.lora import (LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, LoRAConfig, appl
 from litmodel.plot import write_loss_plot
 from litmodel.precision import param_dtype, resolve_precision
 from litmodel.quantize import TRAINING_QUANTIZE_MODES
+from litmodel.safetensors_io import SAFETENSORS_DTYPES, read_safetensors_header, save_safetensors
 from litmodel.sharded_checkpoint import fill_from_checkpoint
 from litmodel.training import (EvalArgs, TrainArgs, accumulation_steps, build_optimizer, fit, language_model_loss,
                                resolve_resume, save_final_checkpoint)
-from litmodel.utils import LitModelError, atomic_dir
+from litmodel.atomic import atomic_dir
+from litmodel.utils import LitModelError
 
 
 

@@ -93,7 +93,8 @@ def main(fabric: Fabric, model_name: str | None, model_config: Config | None, ou
                  f"parameters, block_size {block_size}, vocab {config.padded_vocab_size}")
     model = fabric.setup(model)
     if initial_checkpoint_dir is not None and resume_from is None:
-        from litmodel.checkpoint import MODEL_FILE, mmap_safetensors
+        from litmodel.checkpoint import MODEL_FILE
+        from litmodel.safetensors_io import mmap_safetensors
 
         weights = mmap_safetensors(Path(initial_checkpoint_dir) / MODEL_FILE)
         if config.tie_embeddings:

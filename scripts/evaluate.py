@@ -28,7 +28,8 @@ from litmodel.generation_setup import resolve_device
 from litmodel.precision import INFERENCE_DTYPES
 from litmodel.scoring import perplexity
 from litmodel.tokenizer import load_tokenizer
-from litmodel.utils import LitModelError, atomic_file, cli_main
+from litmodel.atomic import atomic_file
+from litmodel.utils import LitModelError, cli_main
 
 
 def main(

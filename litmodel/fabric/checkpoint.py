@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -12,7 +10,7 @@ import torch
 from torch import nn
 
 from litmodel.fabric.wrappers import _clean_name
-from litmodel.utils import LitModelError, fsync_tree
+from litmodel.utils import LitModelError
 
 
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.Tensor, torch.dtype, torch.device, torch.Size)
@@ -87,23 +85,6 @@ def _check_model_state(module: nn.Module, ckpt_shapes: Mapping[str, Any], key: s
                                 "of the same model, or pass strict=False")
 
 
-def _swap_into_place(tmp: Path, path: Path) -> None:
-    """Rename ``tmp`` onto ``path`` (file or directory); the old one is moved aside, then removed.
-    ``tmp`` is flushed to disk first, and the directory holding both after the rename."""
-    fsync_tree(tmp)
-    if path.exists() or path.is_symlink():
-        old = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.old"
-        os.replace(path, old)
-        os.replace(tmp, path)
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-    else:
-        os.replace(tmp, path)
-    fsync_tree(path.parent, recursive=False)
-
-
 def _read_dcp(path: Path, keys: set[str] | None) -> dict:
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
@@ -143,7 +124,7 @@ def consolidate_checkpoint(sharded_path: str | os.PathLike, out_path: str | os.P
     ``model_only``: just the model's full state dict (for export); otherwise the whole training state
     (loadable by ``fabric.load`` in any number of processes). An existing directory as ``out_path``
     gets ``model.pth`` inside."""
-    from litmodel.utils import atomic_file
+    from litmodel.atomic import atomic_file
 
     out = Path(out_path)
     if out.is_dir():

@@ -20,7 +20,8 @@ from torch import nn
 from torch.utils.data import (BatchSampler, DataLoader, DistributedSampler, IterableDataset, RandomSampler,
                               SequentialSampler)
 
-from litmodel.fabric.checkpoint import _check_model_state, _check_plain, _set_nested, _swap_into_place, _top_key
+from litmodel.atomic import swap_into_place
+from litmodel.fabric.checkpoint import _check_model_state, _check_plain, _set_nested, _top_key
 from litmodel.fabric.environment import (_CPU_PROCESSES_PER_CORE, ACCELERATORS, STRATEGIES, ClusterEnv, DDPStrategy, FSDPStrategy, _cpu_count,
                                          detect_cluster_env)
 from litmodel.fabric.launcher import _destroy_process_group, _spawn_and_supervise
@@ -577,7 +578,7 @@ class Fabric:
         strings, lists, dicts). FSDP: a sharded DCP directory at ``path`` (each rank writes its shards);
         otherwise one ``torch.save`` file written by rank 0. Atomic: written beside ``path``, renamed
         when complete."""
-        from litmodel.utils import atomic_file
+        from litmodel.atomic import atomic_file
 
         path = Path(path)
         sharded = any(isinstance(v, nn.Module) and _is_fsdp(v) for v in state.values())
@@ -588,7 +589,7 @@ class Fabric:
                     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
                     try:
                         torch.save(payload, tmp)
-                        _swap_into_place(tmp, path)
+                        swap_into_place(tmp, path)
                     finally:
                         tmp.unlink(missing_ok=True)
                 else:
@@ -627,7 +628,7 @@ class Fabric:
             raise LitModelError(f"saving {path} failed ({cause}); the previous checkpoint is untouched") from error
         self.barrier()
         if self.is_global_zero:
-            _swap_into_place(tmp, path)
+            swap_into_place(tmp, path)
         self.barrier()
 
     def _collect_state(self, state: Mapping[str, Any]) -> dict:

@@ -45,7 +45,7 @@ def copy_full_into(dst: torch.Tensor, full: torch.Tensor) -> None:
 def _read_box(f: BinaryIO, info: dict, data_start: int, shape: tuple[int, ...],
               offset: tuple[int, ...]) -> torch.Tensor:
     """The box ``offset : offset + shape`` of a stored tensor; only its rows (dim 0) are read."""
-    from litmodel.checkpoint import SAFETENSORS_DTYPES
+    from litmodel.safetensors_io import SAFETENSORS_DTYPES
 
     dtype = SAFETENSORS_DTYPES[info["dtype"]]
     full_shape = tuple(info["shape"])
@@ -75,7 +75,7 @@ def load_safetensors_sharded(module: nn.Module, path: str | os.PathLike, strict:
     rank's shard only. Returns the names of the model's state that the file does not hold (a tied
     weight counts as loaded through its other name); ``strict``: a tensor of the file that the model
     lacks, or a shape mismatch, is an error."""
-    from litmodel.checkpoint import read_safetensors_header
+    from litmodel.safetensors_io import read_safetensors_header
 
     path = Path(path)
     header, data_start = read_safetensors_header(path)
