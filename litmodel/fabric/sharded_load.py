@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from litmodel.fabric.wrappers import _clean_name
+from litmodel.fabric.wrappers import clean_name
 from litmodel.utils import LitModelError
 
 
@@ -81,10 +81,10 @@ def load_safetensors_sharded(module: nn.Module, path: str | os.PathLike, strict:
     header, data_start = read_safetensors_header(path)
     targets: dict[str, torch.Tensor] = {}
     for name, p in module.named_parameters(remove_duplicate=False):
-        targets.setdefault(_clean_name(name), p)
+        targets.setdefault(clean_name(name), p)
     for name, b in module.named_buffers(remove_duplicate=False):
-        targets.setdefault(_clean_name(name), b)
-    expected = {_clean_name(k) for k in module.state_dict()}
+        targets.setdefault(clean_name(name), b)
+    expected = {clean_name(k) for k in module.state_dict()}
     for name, info in header.items():
         if name not in targets:
             if strict:
