@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import shutil
 import sys
@@ -140,9 +142,6 @@ def tune_allocator() -> bool:
     reuse. Call it before the first large allocation. Returns False where it does not apply
     (not glibc, or LITMODEL_NO_TUNE_ALLOCATOR=1, or another allocator was preloaded).
     """
-    import ctypes
-    import ctypes.util
-
     if os.environ.get("LITMODEL_NO_TUNE_ALLOCATOR") == "1" or "malloc" in os.environ.get("LD_PRELOAD", ""):
         return False
     try:

@@ -16,7 +16,9 @@ from typing import BinaryIO
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from litmodel.checkpoint import SAFETENSORS_DTYPES, read_safetensors_header
 from litmodel.fabric.wrappers import clean_name
 from litmodel.utils import LitModelError
 
@@ -24,8 +26,6 @@ from litmodel.utils import LitModelError
 def local_box(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(local shape, offset in the global tensor) of this rank's part of ``t``."""
     if isinstance(t, DTensor):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
         shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
         return tuple(shape), tuple(offset)
     return tuple(t.shape), (0,) * t.ndim
@@ -45,8 +45,6 @@ def copy_full_into(dst: torch.Tensor, full: torch.Tensor) -> None:
 def _read_box(f: BinaryIO, info: dict, data_start: int, shape: tuple[int, ...],
               offset: tuple[int, ...]) -> torch.Tensor:
     """The box ``offset : offset + shape`` of a stored tensor; only its rows (dim 0) are read."""
-    from litmodel.checkpoint import SAFETENSORS_DTYPES
-
     dtype = SAFETENSORS_DTYPES[info["dtype"]]
     full_shape = tuple(info["shape"])
     begin = data_start + info["data_offsets"][0]
@@ -75,8 +73,6 @@ def load_safetensors_sharded(module: nn.Module, path: str | os.PathLike, strict:
     rank's shard only. Returns the names of the model's state that the file does not hold (a tied
     weight counts as loaded through its other name); ``strict``: a tensor of the file that the model
     lacks, or a shape mismatch, is an error."""
-    from litmodel.checkpoint import read_safetensors_header
-
     path = Path(path)
     header, data_start = read_safetensors_header(path)
     targets: dict[str, torch.Tensor] = {}
