@@ -29,11 +29,12 @@ from typing import Literal, Optional
 import torch
 
 from litmodel.batching import BatchEngine, Request, SamplingParams
+from litmodel.cli import cli_main
 from litmodel.generate import (Timer, check_lengths, check_sampling, dump_prompt_ids, generate, make_generator,
                                model_bytes, read_stdin_prompt, setup_generation, sync, warmup)
 from litmodel.precision import precision_name
 from litmodel.speculative import SpeculativeStats, check_draft, speculative_generate
-from litmodel.utils import LitModelError, cli_main
+from litmodel.utils import LitModelError
 
 SAME_TOKENIZER_PROBE = "Hello, world! 123 The quick brown fox; ünïcödé."
 

@@ -19,9 +19,10 @@ from typing import Literal, Optional
 
 import torch
 
+from litmodel.cli import cli_main
 from litmodel.generate import (CacheState, Timer, check_lengths, check_sampling, dump_prompt_ids, fit_conversation,
                                generate, make_generator, setup_generation, sync, warmup)
-from litmodel.utils import LitModelError, cli_main
+from litmodel.utils import LitModelError
 
 CACHE_BUCKET = 256  # KV-cache lengths are multiples of this (few shapes to compile, cache reused across turns)
 

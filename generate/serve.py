@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from litmodel.batching import BatchEngine, EngineThread
+from litmodel.cli import cli_main
 from litmodel.generate import model_bytes, setup_generation
 from litmodel.precision import precision_name
-from litmodel.utils import LitModelError, cli_main
+from litmodel.utils import LitModelError
 
 DEFAULT_MAX_SEQ_LENGTH = 2048  # KV cache positions per slot unless --max_seq_length says otherwise
 

@@ -1,12 +1,36 @@
-"""The one command-line parser every entry point uses: a function's signature and docstring become
-its flags (jsonargparse), with ``--config x.yaml`` and ``--print_config``."""
+"""What every entry point runs through: ``cli_main`` (one-line errors, allocator tuning) and the one
+command-line parser, where a function's signature and docstring become its flags (jsonargparse), with
+``--config x.yaml`` and ``--print_config``."""
 
 from __future__ import annotations
 
+import sys
 from argparse import RawDescriptionHelpFormatter
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, TypeVar
 
-from litmodel.utils import LitModelError
+from litmodel.utils import LitModelError, tune_allocator
+
+T = TypeVar("T")
+
+
+def cli_main(fn: Callable[..., T]) -> Callable[..., T]:
+    """Wrap an entry point: tune the allocator, and print a ``LitModelError`` as one line on stderr
+    and exit with 1."""
+
+    def wrapper(*args, **kwargs):
+        tune_allocator()
+        try:
+            return fn(*args, **kwargs)
+        except LitModelError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+
+    wrapper.__name__ = getattr(fn, "__name__", "main")
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
 
 
 def parse_function_args(fn: Callable, argv: Optional[Sequence[str]] = None, description: str | None = None,

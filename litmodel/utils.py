@@ -1,4 +1,4 @@
-"""Small shared helpers: user-facing errors, atomic writes, the CLI wrapper."""
+"""Small shared helpers: user-facing errors, atomic writes, dtype names, nested-tensor mapping, allocator tuning."""
 
 from __future__ import annotations
 
@@ -7,14 +7,11 @@ import ctypes
 import ctypes.util
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, TypeVar
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
-
-T = TypeVar("T")
 
 
 class LitModelError(Exception):
@@ -95,26 +92,6 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
             fsync_tree(path.parent, recursive=False)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def cli_main(fn: Callable[..., T]) -> Callable[..., T]:
-    """Wrap an entry point: tune the allocator, and print a ``LitModelError`` as one line on stderr
-    and exit with 1."""
-
-    def wrapper(*args, **kwargs):
-        tune_allocator()
-        try:
-            return fn(*args, **kwargs)
-        except LitModelError as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            sys.exit(130)
-
-    wrapper.__name__ = getattr(fn, "__name__", "main")
-    wrapper.__doc__ = fn.__doc__
-    return wrapper
 
 
 def num_parameters(module: torch.nn.Module, requires_grad: bool | None = None) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from litmodel.utils import cli_main
+from litmodel.cli import cli_main
 
 
 def main(

@@ -23,10 +23,11 @@ from typing import Literal, Optional
 import torch
 
 from litmodel.checkpoint import check_checkpoint_dir, load_model
+from litmodel.cli import cli_main
 from litmodel.generate import load_tokenizer, resolve_device
 from litmodel.precision import INFERENCE_DTYPES
 from litmodel.scoring import perplexity
-from litmodel.utils import LitModelError, atomic_file, cli_main
+from litmodel.utils import LitModelError, atomic_file
 
 
 def main(

@@ -13,9 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
+from litmodel.cli import cli_main
 from litmodel.data import DEFAULT_SEED, DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, hub_corpus, prepare_corpus
 from litmodel.data.sources import DEFAULT_HUB_PATTERNS
-from litmodel.utils import cli_main
 
 
 def main(

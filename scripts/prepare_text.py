@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
+from litmodel.cli import cli_main
 from litmodel.data import DEFAULT_SEED, DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, prepare_corpus, text_dir_corpus
-from litmodel.utils import cli_main
 
 
 def main(

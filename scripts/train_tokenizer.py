@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from litmodel.cli import cli_main
 from litmodel.tokenizer import train_tokenizer
-from litmodel.utils import cli_main
 
 
 def main(
