@@ -1,38 +1,17 @@
-"""Small shared helpers: user-facing errors, the CLI wrapper, dtype names, the allocator tuning."""
+"""Small shared helpers: user-facing errors, dtype names, nested-tensor mapping, the allocator tuning."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
-import sys
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Mapping
 
 import torch
-
-T = TypeVar("T")
 
 
 class LitModelError(Exception):
     """A user-facing error: the message names the problem and the fix, on one line."""
-
-
-def cli_main(fn: Callable[..., T]) -> Callable[..., T]:
-    """Wrap an entry point: tune the allocator, and print a ``LitModelError`` as one line on stderr
-    and exit with 1."""
-
-    def wrapper(*args, **kwargs):
-        tune_allocator()
-        try:
-            return fn(*args, **kwargs)
-        except LitModelError as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            sys.exit(130)
-
-    wrapper.__name__ = getattr(fn, "__name__", "main")
-    wrapper.__doc__ = fn.__doc__
-    return wrapper
 
 
 def num_parameters(module: torch.nn.Module, requires_grad: bool | None = None) -> int:
@@ -60,9 +39,6 @@ def tune_allocator() -> bool:
     reuse. Call it before the first large allocation. Returns False where it does not apply
     (not glibc, or LITMODEL_NO_TUNE_ALLOCATOR=1, or another allocator was preloaded).
     """
-    import ctypes
-    import ctypes.util
-
     if os.environ.get("LITMODEL_NO_TUNE_ALLOCATOR") == "1" or "malloc" in os.environ.get("LD_PRELOAD", ""):
         return False
     try:

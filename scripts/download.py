@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from litmodel.hub import download, registry_table
-from litmodel.utils import cli_main
+from litmodel.cli import cli_main
 
 
 def main(

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from litmodel.utils import cli_main
+from litmodel.cli import cli_main
 
 
 def main(checkpoint_dir: Path, base_checkpoint_dir: Optional[Path] = None, out_dir: Optional[Path] = None) -> Path:
