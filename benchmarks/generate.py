@@ -94,7 +94,7 @@ def bandwidth_gbs(t: torch.Tensor, reps: int = 3) -> tuple[float, float]:
 
 def hf_model(lit, cfg: Config):
     import transformers
-    from litmodel.convert import lit_to_hf_plan
+    from litmodel.hf_names import lit_to_hf_plan
 
     hf_cfg = transformers.LlamaConfig(**{k: v for k, v in cfg.to_hf_config().items() if k != "architectures"})
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()

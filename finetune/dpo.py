@@ -11,8 +11,8 @@ model), so generate/chat.py, scripts/convert_lit_checkpoint.py and evaluation re
 The recipe itself is litmodel/finetune_dpo.py: read it top to bottom. The loss: litmodel/dpo.py.
 """
 
+from litmodel.cli import cli_main
 from litmodel.finetune_dpo import setup
-from litmodel.utils import cli_main
 
 if __name__ == "__main__":
     cli_main(setup)(description=__doc__)

@@ -9,8 +9,8 @@ generate/base.py, generate/chat.py and scripts/convert_lit_checkpoint.py read as
 The recipe itself is litmodel/finetune.py (shared with finetune/lora.py): read it top to bottom.
 """
 
+from litmodel.cli import cli_main
 from litmodel.finetune import setup
-from litmodel.utils import cli_main
 
 if __name__ == "__main__":
     cli_main(setup)("full", description=__doc__)

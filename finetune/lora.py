@@ -10,8 +10,8 @@ checkpoint dir that generate/base.py, generate/chat.py and scripts/convert_lit_c
 The recipe itself is litmodel/finetune.py (shared with finetune/full.py): read it top to bottom.
 """
 
+from litmodel.cli import cli_main
 from litmodel.finetune import setup
-from litmodel.utils import cli_main
 
 if __name__ == "__main__":
     cli_main(setup)("lora", description=__doc__)

@@ -29,7 +29,7 @@ from typing import Literal, Optional
 import torch
 
 from litmodel.batching import BatchEngine
-from litmodel.cli import parse_function_args
+from litmodel.cli import cli_main, parse_function_args
 from litmodel.generate import generate
 from litmodel.generation_cli import (Timer, check_lengths, dump_prompt_ids, model_bytes, read_stdin_prompt,
                                      stream_to_stdout)
@@ -38,7 +38,7 @@ from litmodel.generation_setup import setup_generation, warmup
 from litmodel.precision import precision_name
 from litmodel.sampling import check_sampling, make_generator
 from litmodel.speculative import SpeculativeStats, check_draft, speculative_generate
-from litmodel.utils import LitModelError, cli_main
+from litmodel.utils import LitModelError
 
 SAME_TOKENIZER_PROBE = "Hello, world! 123 The quick brown fox; ünïcödé."
 

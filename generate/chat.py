@@ -19,12 +19,12 @@ from typing import Literal, Optional
 
 import torch
 
-from litmodel.cli import parse_function_args
+from litmodel.cli import cli_main, parse_function_args
 from litmodel.generate import CacheState, generate
 from litmodel.generation_cli import Timer, check_lengths, dump_prompt_ids, fit_conversation, stream_to_stdout
 from litmodel.generation_setup import setup_generation, warmup
 from litmodel.sampling import check_sampling, make_generator
-from litmodel.utils import LitModelError, cli_main
+from litmodel.utils import LitModelError
 
 CACHE_BUCKET = 256  # KV-cache lengths are multiples of this (few shapes to compile, cache reused across turns)
 

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from litmodel.batching import BatchEngine, EngineThread
-from litmodel.cli import parse_function_args
+from litmodel.cli import cli_main, parse_function_args
 from litmodel.generation_cli import model_bytes
 from litmodel.generation_setup import setup_generation
 from litmodel.precision import precision_name
-from litmodel.utils import LitModelError, cli_main
+from litmodel.utils import LitModelError
 
 DEFAULT_MAX_SEQ_LENGTH = 2048  # KV cache positions per slot unless --max_seq_length says otherwise
 

@@ -33,7 +33,7 @@ from typing import Literal, Optional, Union
 
 import torch
 
-from litmodel.checkpoint import MODEL_FILE, SAFETENSORS_DTYPES, load_config, load_model, read_safetensors_header
+from litmodel.checkpoint import MODEL_FILE, load_config, load_model
 from litmodel.data.records import load_records
 from litmodel.data.sft import IGNORE_INDEX, JSON, JSONData  # noqa: F401 (JSON: --data JSON)
 from litmodel.fabric import Fabric
@@ -48,6 +48,7 @@ from litmodel.losses import language_model_loss
 from litmodel.nf4 import load_model_nf4, nf4_model_nbytes
 from litmodel.plot import write_loss_plot
 from litmodel.precision import param_dtype
+from litmodel.safetensors_io import SAFETENSORS_DTYPES, read_safetensors_header
 from litmodel.sharded_checkpoint import fill_from_checkpoint
 from litmodel.tokenizer import Tokenizer
 from litmodel.training import fit

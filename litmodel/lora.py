@@ -48,7 +48,8 @@ import yaml
 from litmodel.layers import CausalSelfAttention, grouped_mm
 from litmodel.llama import GroupedLinear, MoE, SwiGLU
 from litmodel.nf4 import NF4Linear, dequantize_nf4, is_nf4, nf4_linear
-from litmodel.utils import LitModelError, atomic_file
+from litmodel.atomic import atomic_file
+from litmodel.utils import LitModelError
 
 TARGETS = ("query", "key", "value", "projection", "mlp", "head")
 _QKV = ("query", "key", "value")

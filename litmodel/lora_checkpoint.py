@@ -25,12 +25,13 @@ import torch
 import torch.nn as nn
 import yaml
 
-from litmodel.checkpoint import (CONFIG_FILE, MODEL_FILE, check_checkpoint_dir, load_model, mmap_safetensors,
-                                 model_state_for_saving, save_safetensors)
+from litmodel.atomic import atomic_dir, atomic_file
+from litmodel.checkpoint import CONFIG_FILE, MODEL_FILE, check_checkpoint_dir, load_model, model_state_for_saving
 from litmodel.lora import LoRAConfig, apply_lora, lora_modules, lora_state_dict, merge_lora, remove_lora
 from litmodel.nf4 import round_trip_nf4_
+from litmodel.safetensors_io import mmap_safetensors, save_safetensors
 from litmodel.tokenizer import copy_tokenizer_files
-from litmodel.utils import LitModelError, atomic_dir, atomic_file
+from litmodel.utils import LitModelError
 
 LORA_WEIGHTS_FILE = "lora.safetensors"
 LORA_CONFIG_FILE = "lora_config.yaml"

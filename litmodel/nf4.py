@@ -45,8 +45,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from litmodel import build_meta_model
-from litmodel.checkpoint import MODEL_FILE, check_checkpoint_dir, check_state_dict, load_config
-from litmodel.hf import TensorSource
+from litmodel.checkpoint import MODEL_FILE, check_checkpoint_dir, check_tensor_shapes, load_config
+from litmodel.safetensors_io import TensorSource
 from litmodel.utils import LitModelError
 
 BLOCK_SIZE = 64  # weights per absmax scale (QLoRA)
@@ -201,7 +201,7 @@ def load_model_nf4(checkpoint_dir: str | Path, device: str | torch.device = "cpu
     quantized = set(nf4_linear_names(model))
     source = TensorSource.from_safetensors_files([d / MODEL_FILE], str(d / MODEL_FILE))
     infos = source.infos
-    check_state_dict(model, infos, str(d / MODEL_FILE))  # names and shapes, before anything is read
+    check_tensor_shapes(model, {name: info.shape for name, info in infos.items()}, str(d / MODEL_FILE))
     buffer = torch.empty(max((i.nbytes for i in infos.values()), default=0), dtype=torch.uint8)
     try:
         for name, info in infos.items():

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from litmodel import build_model
-from litmodel.checkpoint import MODEL_FILE, load_config, mmap_safetensors
+from litmodel.checkpoint import MODEL_FILE, load_config
 from litmodel.cli import parse_function_args
 from litmodel.config import Config
 from litmodel.data import PretrainDataLoader, ValDataLoader, ensure_prepared, stdlib_corpus
@@ -28,6 +28,7 @@ from litmodel.loggers import build_loggers
 from litmodel.losses import language_model_loss
 from litmodel.plot import write_loss_plot
 from litmodel.precision import resolve_precision
+from litmodel.safetensors_io import mmap_safetensors
 from litmodel.tokenizer import Tokenizer
 from litmodel.tokenizer_training import train_tokenizer
 from litmodel.training import fit

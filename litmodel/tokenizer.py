@@ -19,6 +19,7 @@ from typing import Any, Iterable, Sequence
 
 from tokenizers import Tokenizer as HFTokenizer
 
+
 from litmodel.chat_template import (
     END_OF_TURN_TOKENS,
     FALLBACK_CHAT_TEMPLATE,

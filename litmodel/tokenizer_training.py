@@ -19,7 +19,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tqdm import tqdm
 
 from litmodel.tokenizer import Tokenizer
-from litmodel.utils import LitModelError, atomic_dir
+from litmodel.atomic import atomic_dir
+from litmodel.utils import LitModelError
 
 # Pre-tokenization regex of Llama-3 / Qwen2 (digits in groups of up to 3, whitespace runs kept for indentation).
 BPE_SPLIT_PATTERN = (

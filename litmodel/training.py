@@ -27,7 +27,7 @@ from litmodel.flops import Peak, peak_flops
 from litmodel.flops import mfu as flops_mfu
 from litmodel.losses import CountFn, LossFn, count_input_tokens, count_target_tokens, next_token_loss
 from litmodel.training_args import EvalArgs, TrainArgs, accumulation_steps, lr_at, set_lr
-from litmodel.training_state import prune_step_dirs, step_dir
+from litmodel.training_state import prune_step_states, step_state_path
 
 Evaluator = Callable[[Any, nn.Module, int], "dict[str, float]"]  # (fabric, model, step) -> metrics
 
@@ -162,9 +162,9 @@ def fit(fabric, model: nn.Module, optimizer: torch.optim.Optimizer, train_loader
         if (train.save_interval and step % train.save_interval == 0) or is_last:
             state["train_loader"] = train_loader.state_dict()
             state["rng"] = capture_rng_state()
-            (save_fn or fabric.save)(step_dir(out_dir, step, sharded), state)
+            (save_fn or fabric.save)(step_state_path(out_dir, step, sharded), state)
             if fabric.is_global_zero:
-                prune_step_dirs(out_dir, keep=2)
+                prune_step_states(out_dir, keep=2)
             fabric.barrier()
     summary = f"done: {state['step']} steps, {state['tokens']:,} tokens, {state['units']:,} {unit_name}"
     if "val_loss" in results:

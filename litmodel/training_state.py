@@ -1,6 +1,6 @@
-"""Training state on disk: where the resumable ``out_dir/step-XXXXXX`` checkpoints go, which one a run
-resumes from, pruning old ones; gathering a model's whole (or only its trainable, e.g. LoRA) state across
-ranks for saving; the LoRA resume hooks; and the final checkpoint dir a run writes."""
+"""Training state on disk: where the resumable ``out_dir/step-XXXXXX.pt`` files (``step-XXXXXX/`` DCP dirs under
+FSDP) go, which one a run resumes from, pruning old ones; gathering a model's whole (or only its trainable,
+e.g. LoRA) state across ranks for saving; the LoRA resume hooks; and the final checkpoint dir a run writes."""
 
 from __future__ import annotations
 
@@ -20,20 +20,20 @@ from litmodel.fabric import Fabric
 from litmodel.lora import LoRAConfig
 from litmodel.utils import LitModelError
 
-STEP_DIR = re.compile(r"^step-(\d{6,})(\.pt)?$")  # a file (one process) or a DCP dir (FSDP)
+STEP_STATE_NAME = re.compile(r"^step-(\d{6,})(\.pt)?$")  # a file (one process) or a DCP dir (FSDP)
 
 
-def step_dir(out_dir: Path, step: int, sharded: bool = False) -> Path:
+def step_state_path(out_dir: Path, step: int, sharded: bool = False) -> Path:
     """Where the resumable state of ``step`` lives: ``step-XXXXXX.pt`` (one file) or ``step-XXXXXX/`` (FSDP shards)."""
     return Path(out_dir) / (f"step-{step:06d}" if sharded else f"step-{step:06d}.pt")
 
 
-def latest_step_dir(out_dir: Path) -> Path | None:
-    """The newest complete ``step-XXXXXX`` entry under ``out_dir`` (temp names never match)."""
+def latest_step_state(out_dir: Path) -> Path | None:
+    """The newest complete ``step-XXXXXX.pt`` file or ``step-XXXXXX/`` dir in ``out_dir`` (temp names never match)."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return None
-    steps = sorted((int(m.group(1)), p) for p in out_dir.iterdir() if (m := STEP_DIR.match(p.name)))
+    steps = sorted((int(m.group(1)), p) for p in out_dir.iterdir() if (m := STEP_STATE_NAME.match(p.name)))
     return steps[-1][1] if steps else None
 
 
@@ -45,21 +45,21 @@ def resolve_resume(out_dir: Path, resume: str | bool | None) -> Path | None:
     """
     out_dir = Path(out_dir)
     if resume in (None, False, "", "none"):
-        if latest_step_dir(out_dir) is not None or (out_dir / "final").exists():
+        if latest_step_state(out_dir) is not None or (out_dir / "final").exists():
             raise LitModelError(f"{out_dir} already holds a run; pass --resume auto to continue it, "
                                 "or choose another --out_dir")
         return None
     if resume in ("auto", True):
-        return latest_step_dir(out_dir)
+        return latest_step_state(out_dir)
     path = Path(resume)
     if not path.exists():
         raise LitModelError(f"--resume {path} does not exist; pass a step-XXXXXX dir under the out_dir or 'auto'")
     return path
 
 
-def prune_step_dirs(out_dir: Path, keep: int) -> None:
-    """Keep the newest ``keep`` step dirs (the oldest are removed only after a newer one is complete)."""
-    steps = sorted((int(m.group(1)), p) for p in Path(out_dir).iterdir() if (m := STEP_DIR.match(p.name)))
+def prune_step_states(out_dir: Path, keep: int) -> None:
+    """Keep the newest ``keep`` step states, files or dirs (the oldest go only after a newer one is complete)."""
+    steps = sorted((int(m.group(1)), p) for p in Path(out_dir).iterdir() if (m := STEP_STATE_NAME.match(p.name)))
     for _, p in steps[:-keep] if keep > 0 else []:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 

@@ -6,8 +6,8 @@
 The recipe itself is litmodel/pretrain.py (shared with pretrain/gpt.py and pretrain/llama.py): read it top to bottom.
 """
 
+from litmodel.cli import cli_main
 from litmodel.pretrain import setup
-from litmodel.utils import cli_main
 
 if __name__ == "__main__":
     cli_main(setup)("gemma", None, description=__doc__)

@@ -9,8 +9,8 @@ The recipe itself is litmodel/pretrain.py (shared with pretrain/gpt.py): read it
 
 from pathlib import Path
 
+from litmodel.cli import cli_main
 from litmodel.pretrain import setup
-from litmodel.utils import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,9 +19,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
+from litmodel.cli import cli_main
 from litmodel.hf import convert_hf_checkpoint
 from litmodel.peft_io import import_peft
-from litmodel.utils import LitModelError, cli_main
+from litmodel.utils import LitModelError
 
 
 def main(

@@ -17,9 +17,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional, Union
 
+from litmodel.cli import cli_main
 from litmodel.hf import convert_lit_checkpoint
 from litmodel.peft_io import export_peft
-from litmodel.utils import cli_main
 
 
 def main(

@@ -14,7 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from litmodel.utils import cli_main
+from litmodel.hub import download, registry_table
+from litmodel.cli import cli_main
 
 
 def main(
@@ -33,8 +34,6 @@ def main(
         tokenizer_only: Only fetch the tokenizer files (no weights, no conversion).
         dtype: Cast floating-point weights to this dtype while converting (default: keep the checkpoint's).
     """
-    from litmodel.hf import download, registry_table
-
     if repo_id == "list":
         print(registry_table())
         return None

@@ -23,12 +23,13 @@ from typing import Literal, Optional
 import torch
 
 from litmodel.checkpoint import check_checkpoint_dir, load_model
-from litmodel.cli import parse_function_args
+from litmodel.cli import cli_main, parse_function_args
 from litmodel.generation_setup import resolve_device
 from litmodel.precision import INFERENCE_DTYPES
 from litmodel.scoring import perplexity
 from litmodel.tokenizer import load_tokenizer
-from litmodel.utils import LitModelError, atomic_file, cli_main
+from litmodel.atomic import atomic_file
+from litmodel.utils import LitModelError
 
 
 def main(

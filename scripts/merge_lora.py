@@ -15,9 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from litmodel.cli import parse_function_args
+from litmodel.cli import cli_main, parse_function_args
 from litmodel.lora_checkpoint import merge_lora_checkpoint
-from litmodel.utils import cli_main
 
 
 def main(checkpoint_dir: Path, base_checkpoint_dir: Optional[Path] = None, out_dir: Optional[Path] = None) -> Path:

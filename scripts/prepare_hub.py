@@ -13,10 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from litmodel.cli import parse_function_args
+from litmodel.cli import cli_main, parse_function_args
 from litmodel.data import hub_corpus, prepare_and_report
 from litmodel.data.sources import DEFAULT_HUB_PATTERNS
-from litmodel.utils import cli_main
 
 
 def main(

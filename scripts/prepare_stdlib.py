@@ -9,9 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from litmodel.cli import parse_function_args
+from litmodel.cli import cli_main, parse_function_args
 from litmodel.data import prepare_and_report, stdlib_corpus
-from litmodel.utils import cli_main
 
 
 def main(

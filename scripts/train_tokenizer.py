@@ -15,7 +15,7 @@ from __future__ import annotations
 from jsonargparse import CLI
 
 from litmodel.tokenizer_training import train_tokenizer
-from litmodel.utils import cli_main
+from litmodel.cli import cli_main
 
 
 def setup() -> None:

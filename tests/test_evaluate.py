@@ -326,7 +326,7 @@ def _load_script():
 
 
 def call(argv: list[str], capsys) -> tuple[int, str, str]:
-    from litmodel.utils import cli_main
+    from litmodel.cli import cli_main
 
     code = 0
     try:

@@ -26,7 +26,7 @@ def hf_and_lit(hf_cfg, std: float = 0.3):
     """A transformers model with random N(0, std) matrices and the same weights in a litmodel model.
 
     The large std makes greedy continuations varied (with 0.02 they repeat one token)."""
-    from litmodel.convert import hf_aliases, hf_to_lit_plan
+    from litmodel.hf_names import hf_aliases, hf_to_lit_plan
 
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from litmodel.data.shards import (DEFAULT_SHARD_TOKENS, FORMAT, FORMAT_VERSION, INDEX_NAME, SPLITS, ShardWriter,
                                   choose_dtype, read_index, tokenizer_hash, train_tokenizer_hint, write_index)
 from litmodel.tokenizer import load_tokenizer
-from litmodel.utils import LitModelError, atomic_dir
+from litmodel.atomic import atomic_dir
+from litmodel.utils import LitModelError
 
 DEFAULT_VAL_FRACTION = 0.05
 DEFAULT_SEED = 42

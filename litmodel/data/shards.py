@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from litmodel.atomic import swap_into_place
 from litmodel.tokenizer import TOKENIZER_MODEL_FILES, missing_tokenizer_error
-from litmodel.utils import LitModelError, fsync_tree
+from litmodel.utils import LitModelError
 
 FORMAT = "litmodel.token_shards"
 FORMAT_VERSION = 1
@@ -129,8 +130,7 @@ def write_index(split_dir: str | os.PathLike, index: dict[str, Any]) -> None:
     path = Path(split_dir) / INDEX_NAME
     tmp = path.with_name(f".{INDEX_NAME}.tmp")
     tmp.write_text(json.dumps(index, indent=2) + "\n")
-    fsync_tree(tmp)
-    os.replace(tmp, path)
+    swap_into_place(tmp, path)
 
 
 def read_index(split_dir: str | os.PathLike) -> dict[str, Any]:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import random
 from typing import Any, Iterator, Mapping
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import (BatchSampler, DataLoader, DistributedSampler, IterableDataset, RandomSampler,
+                              SequentialSampler)
 
 from litmodel.precision import Precision
 from litmodel.utils import apply_to_tensors
@@ -46,11 +48,11 @@ class FabricModule(nn.Module):
 
     def named_parameters(self, *args: Any, **kwargs: Any):  # names as in the original model
         for name, p in self._original_module.named_parameters(*args, **kwargs):
-            yield _clean_name(name), p
+            yield clean_name(name), p
 
     def named_buffers(self, *args: Any, **kwargs: Any):
         for name, b in self._original_module.named_buffers(*args, **kwargs):
-            yield _clean_name(name), b
+            yield clean_name(name), b
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -59,7 +61,8 @@ class FabricModule(nn.Module):
             return getattr(super().__getattr__("_original_module"), name)
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
+def unwrap(module: nn.Module) -> nn.Module:
+    """The original model inside ``FabricModule``, DDP and ``torch.compile`` wrappers."""
     while True:
         if isinstance(module, FabricModule):
             module = module._original_module
@@ -71,19 +74,22 @@ def _unwrap(module: nn.Module) -> nn.Module:
             return module
 
 
-def _clean_name(name: str) -> str:
+def clean_name(name: str) -> str:
+    """A parameter name without the prefixes wrappers add (activation checkpointing, compile, FSDP1)."""
     for prefix in _WRAPPER_PREFIXES:
         name = name.replace(prefix, "")
     return name
 
 
-def _is_fsdp(module: nn.Module) -> bool:
+def is_fsdp(module: nn.Module) -> bool:
+    """Whether FSDP2 sharded ``module`` or a part of it."""
+    # deferred: torch.distributed.fsdp (with torch.distributed.tensor) adds ~1.5 s to `import litmodel.fabric`
     from torch.distributed.fsdp import FSDPModule
 
-    return any(isinstance(m, FSDPModule) for m in _unwrap(module).modules())
+    return any(isinstance(m, FSDPModule) for m in unwrap(module).modules())
 
 
-class _ResumableSampler(DistributedSampler):
+class ResumableSampler(DistributedSampler):
     """A seeded ``DistributedSampler`` that can skip the first ``skip`` samples once (resume)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -94,6 +100,23 @@ class _ResumableSampler(DistributedSampler):
         indices = list(super().__iter__())
         skip, self.skip = self.skip, 0
         return iter(indices[skip:])
+
+
+def with_resumable_sampler(dl: DataLoader, world_size: int, rank: int, seed: int) -> DataLoader:
+    """``dl`` rebuilt with a seeded ``ResumableSampler`` (shuffled when the original sampler was random) if it
+    is map-style with a plain sequential/random/distributed sampler; any other loader as it is."""
+    if isinstance(dl.dataset, IterableDataset) or type(dl.batch_sampler) is not BatchSampler \
+            or not isinstance(dl.sampler, (SequentialSampler, RandomSampler, DistributedSampler)):
+        return dl
+    shuffle = isinstance(dl.sampler, RandomSampler) or getattr(dl.sampler, "shuffle", False)
+    sampler = ResumableSampler(dl.dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                               drop_last=False)
+    kw = dict(batch_size=dl.batch_size, num_workers=dl.num_workers, collate_fn=dl.collate_fn,
+              pin_memory=dl.pin_memory, drop_last=dl.drop_last, timeout=dl.timeout,
+              worker_init_fn=dl.worker_init_fn, generator=dl.generator, persistent_workers=dl.persistent_workers)
+    if dl.num_workers > 0:
+        kw.update(prefetch_factor=dl.prefetch_factor, multiprocessing_context=dl.multiprocessing_context)
+    return DataLoader(dl.dataset, sampler=sampler, **kw)
 
 
 class FabricDataLoader:
@@ -121,7 +144,7 @@ class FabricDataLoader:
 
     def _samples_per_batch(self) -> int | None:
         sampler, bs = self.dataloader.sampler, self.dataloader.batch_size
-        if isinstance(sampler, _ResumableSampler) and bs is not None:
+        if isinstance(sampler, ResumableSampler) and bs is not None:
             return bs * sampler.num_replicas
         return None
 
@@ -165,14 +188,12 @@ class FabricDataLoader:
         self.epoch = int(state["epoch"])
         self.batches_yielded = int(state["batches_yielded"])
         self._resume = {"batches_yielded": self.batches_yielded, "samples_yielded": state.get("samples_yielded")}
-        if state.get("seed") is not None and isinstance(self.dataloader.sampler, _ResumableSampler):
+        if state.get("seed") is not None and isinstance(self.dataloader.sampler, ResumableSampler):
             self.dataloader.sampler.seed = int(state["seed"])  # the saved shuffle order wins
 
 
 def seed_everything(seed: int) -> int:
     """Seed python ``random``, numpy and torch (all devices)."""
-    import numpy as np
-
     seed = int(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -181,8 +202,6 @@ def seed_everything(seed: int) -> int:
 
 
 def _local_rng_state() -> dict:
-    import numpy as np
-
     version, internal, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": [version, list(internal), gauss],
@@ -195,8 +214,6 @@ def _local_rng_state() -> dict:
 
 
 def _restore_local(state: Mapping[str, Any]) -> None:
-    import numpy as np
-
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
