@@ -4,7 +4,6 @@ e.g. LoRA) state across ranks for saving; the LoRA resume hooks; and the final c
 
 from __future__ import annotations
 
-import contextlib
 import re
 import shutil
 from pathlib import Path
@@ -98,7 +97,7 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 def save_lora_state(fabric: Fabric, model, optimizer, path: Path, state: dict) -> None:
     """The loop's `save_fn` for LoRA: ``state`` plus the gathered trainable weights and their optimizer state."""
     state["lora_state"] = trainable_state(model)
-    with _allow_step(fabric):
+    with fabric.allow_optimizer_step():  # DSD may run a zero-lr step to create the state
         state["optimizer_state"] = get_optimizer_state_dict(
             model.module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     fabric.save(path, state)
@@ -113,12 +112,7 @@ def load_lora_state(fabric: Fabric, model, optimizer, lora: LoRAConfig, path: Pa
                             f"{lora.to_dict()}; pass the same --lora.* (and --quantize) flags to resume it")
     set_model_state_dict(model.module, dict(state["lora_state"]),
                          options=StateDictOptions(full_state_dict=True, strict=False))
-    with _allow_step(fabric):
+    with fabric.allow_optimizer_step():  # DSD may run a zero-lr step to create the state
         set_optimizer_state_dict(model.module, optimizer, dict(state["optimizer_state"]),
                                  options=StateDictOptions(full_state_dict=True))
     state["lora_state"], state["optimizer_state"] = {}, {}
-
-
-def _allow_step(fabric: Fabric):
-    """DSD may run a zero-lr optimizer step to create the state; 16-mixed guards optimizer.step()."""
-    return getattr(fabric, "_allow_step", contextlib.nullcontext)()
