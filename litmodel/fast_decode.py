@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from litmodel.layers import CausalSelfAttention, KVCache, RMSNorm, apply_rope
 from litmodel.llama import Block, SwiGLU
-from litmodel.quantize import DecodeLinear, _native_half_matmul
+from litmodel.quantize import DecodeLinear, _native_half_matmul, swap_modules
 
 
 def packable(weight: torch.Tensor) -> bool:
@@ -293,14 +293,6 @@ class DecodeBlock(Block):
         return x + _linear(mlp.proj, F.silu(gate).mul_(up))
 
 
-def _swap_children(model: nn.Module, fn) -> None:
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            new = fn(child)
-            if new is not None:
-                setattr(module, name, new)
-
-
 def prepare_fast_decode(model: nn.Module, pack_linears: bool = True) -> nn.Module:
     """Swap in the fast decode modules (see the module docstring), in place; returns ``model``.
 
@@ -319,9 +311,7 @@ def prepare_fast_decode(model: nn.Module, pack_linears: bool = True) -> nn.Modul
             packed[key] = layer.weight
             return layer
         if type(child) is nn.Linear:  # bf16 on a CPU without bf16 matmul: DecodeLinear computes prompts in fp32
-            layer = DecodeLinear(child.in_features, child.out_features, child.bias is not None, device="meta")
-            layer.weight, layer.bias = child.weight, child.bias
-            return layer
+            return DecodeLinear.from_linear(child)
         return None
 
     def swap(child: nn.Module):
@@ -333,7 +323,7 @@ def prepare_fast_decode(model: nn.Module, pack_linears: bool = True) -> nn.Modul
 
     with torch.no_grad():
         if pack_linears:
-            _swap_children(model, pack)  # first, so that the new attention modules take the packed layers
-        _swap_children(model, swap)
-        _swap_children(model, lambda child: DecodeBlock(child, step) if DecodeBlock.fusable(child) else None)
+            swap_modules(model, pack)  # first, so that the new attention modules take the packed layers
+        swap_modules(model, swap)
+        swap_modules(model, lambda child: DecodeBlock(child, step) if DecodeBlock.fusable(child) else None)
     return model
