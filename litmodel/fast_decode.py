@@ -14,7 +14,13 @@ returns the model (same forward signature, same results within float rounding):
   without a mask unless rows are padded (SDPA over the whole masked cache costs ~0.25 ms per layer at
   1024 slots, the prefix ~0.03 ms), in float32 (bf16 SDPA for one query is ~5x slower on CPU).
   Prompts (several tokens) take the unchanged path.
-* every Llama `RMSNorm` -> `FusedRMSNorm`: one `F.rms_norm` kernel instead of seven ops.
+* every Llama `RMSNorm` -> `FusedRMSNorm`: for one row, one layer-norm kernel instead of eight ops.
+* every Llama `Block` without q/k norms, post-norms, experts or GeGLU -> `DecodeBlock`: the step of one
+  token of one sequence is one function of ~36 ops (a rotation matrix per step instead of per-layer
+  RoPE ops, cache-slot writes, two batched matmuls and a softmax over the visible slots, the linear
+  kernels called directly), not ~60 ops and a dozen module calls; everything else takes `Block.forward`
+  with the modules above. Each op costs ~1-2 us of dispatch on this CPU, so ops, not arithmetic, were a
+  third of a SmolLM2-135M step.
 
 It is for inference only: packed weights cannot be trained, saved or moved to another device.
 Linear layers of a dtype oneDNN has no fast kernel for on this CPU (bf16/fp16 without AVX512-BF16/
