@@ -304,11 +304,12 @@ class DecodeBlock(Block):
         return (x + down_fn(F.silu(gate).mul_(up))).view(1, 1, -1)
 
 
-def prepare_fast_decode(model: nn.Module, pack_linears: bool = True) -> nn.Module:
+def prepare_fast_decode(model: nn.Module, pack_linears: bool = True, fuse_blocks: bool = True) -> nn.Module:
     """Swap in the fast decode modules (see the module docstring), in place; returns ``model``.
 
-    ``pack_linears=False`` keeps the linear layers (e.g. int8/int4 ones) and swaps attention and norms only.
-    A weight shared by several linear layers is packed once.
+    ``pack_linears=False`` keeps the linear layers (e.g. int8/int4 ones) and swaps the other modules only.
+    ``fuse_blocks=False`` keeps the blocks (no `DecodeBlock`; for comparisons). A weight shared by several
+    linear layers is packed once.
     """
     packed: dict[int, torch.Tensor] = {}
     step = StepCache()
@@ -336,5 +337,6 @@ def prepare_fast_decode(model: nn.Module, pack_linears: bool = True) -> nn.Modul
         if pack_linears:
             swap_modules(model, pack)  # first, so that the new attention modules take the packed layers
         swap_modules(model, swap)
-        swap_modules(model, lambda child: DecodeBlock(child, step) if DecodeBlock.fusable(child) else None)
+        if fuse_blocks:
+            swap_modules(model, lambda child: DecodeBlock(child, step) if DecodeBlock.fusable(child) else None)
     return model
