@@ -164,6 +164,24 @@ def test_decode_block_bf16_and_fallbacks():
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_decode_block_threads():
+    """With several threads the fused step runs its small ops on one and its matrix products on all, and
+    leaves the thread count as it found it (also when a step fails)."""
+    model = tiny()
+    fast = prepare_fast_decode(copy.deepcopy(model))
+    for m in (model, fast):
+        m.set_kv_cache(1, 16)
+    torch.set_num_threads(2)  # the one_thread fixture restores the count after the test
+    with torch.no_grad():
+        for m in (model, fast):
+            m(torch.tensor([[1, 2, 3]]), torch.arange(3))
+        a, b = (m(torch.tensor([[4]]), torch.tensor([3])) for m in (model, fast))
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max() and torch.get_num_threads() == 2
+        with pytest.raises(IndexError):
+            fast(torch.tensor([[4]]), torch.tensor([99]))  # past the cache
+        assert torch.get_num_threads() == 2
+
+
 # ---- int4 --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_int4_kernel_equals_the_packing_format(group_size):
