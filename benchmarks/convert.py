@@ -29,7 +29,6 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def write_random_hf_checkpoint(model: str, out: Path, shard_bytes: int) -> int:
@@ -38,7 +37,7 @@ def write_random_hf_checkpoint(model: str, out: Path, shard_bytes: int) -> int:
     from safetensors.torch import save_file
 
     from litmodel.config import Config
-    from litmodel.convert import lit_to_hf_plan
+    from litmodel.hf_names import lit_to_hf_plan
     from litmodel.hf import expected_lit_shapes
 
     config, dtype = Config.from_name(model), torch.bfloat16

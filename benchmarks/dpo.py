@@ -27,20 +27,16 @@ import gc
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from litmodel import Config, build_model  # noqa: E402
-from litmodel.dpo import DPOArgs, DPOObjective, answer_logps, count_pairs  # noqa: E402
-from litmodel.fabric import Fabric  # noqa: E402
-from litmodel.lora import apply_lora, mark_only_lora_as_trainable  # noqa: E402
-from litmodel.training import TrainArgs, build_optimizer  # noqa: E402
+from litmodel import Config, build_model
+from litmodel.dpo import DPOArgs, DPOObjective, answer_logps, count_pairs
+from litmodel.fabric import Fabric
+from litmodel.lora import apply_lora, mark_only_lora_as_trainable
+from litmodel.training import TrainArgs, build_optimizer
 
 
 def _status_kb(key: str) -> int:

@@ -8,7 +8,7 @@ Shapes: Qwen3-0.6B's width (1024), heads (16 q, 8 kv, head_dim 128, q/k norms) a
 CPU in seconds). The MoE model has the same attention and 8 experts of 1536 routed top-2: the same
 *active* MLP parameters per token (2 x 1536 = 3072) as the dense model, 4x its MLP parameters in all.
 transformers' Qwen3ForCausalLM / Qwen3MoeForCausalLM get the very same weights (converted with
-`litmodel.convert.lit_to_hf_plan`). fp32, random weights.
+`litmodel.hf_names.lit_to_hf_plan`). fp32, random weights.
 
 step: forward + backward + AdamW step on ``--batch`` x ``--seq`` tokens (median over rounds, one
 warm-up step each). decode: ``--new`` greedy tokens after a 16-token prompt, prefill included.
@@ -21,18 +21,14 @@ import argparse
 import datetime
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from litmodel import Config, build_model  # noqa: E402
-from litmodel.convert import lit_to_hf_plan  # noqa: E402
-from litmodel.generate import generate_tokens  # noqa: E402
-from litmodel.utils import num_parameters, tune_allocator  # noqa: E402
+from litmodel import Config, build_model
+from litmodel.hf_names import lit_to_hf_plan
+from litmodel.generate import generate_tokens
+from litmodel.utils import num_parameters, tune_allocator
 
 
 def configs(layers: int, vocab: int) -> dict[str, Config]:

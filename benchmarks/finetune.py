@@ -42,15 +42,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from litmodel import Config, build_model  # noqa: E402
-from litmodel.data.sft import IGNORE_INDEX, PackedBatches, collate_fn, sft_loss  # noqa: E402
-from litmodel.fabric import Fabric  # noqa: E402
-from litmodel.flops import matmul_dtype, measure_matmul_flops, mfu, peak_flops, train_flops_per_token  # noqa: E402
-from litmodel.lora import apply_lora, mark_only_lora_as_trainable  # noqa: E402
-from litmodel.training import TrainArgs, build_optimizer, cpu_supports_fast_bf16  # noqa: E402
+from litmodel import Config, build_meta_model, build_model
+from litmodel.data.sft import IGNORE_INDEX, PackedBatches, collate_fn, sft_loss
+from litmodel.fabric import Fabric
+from litmodel.flops import matmul_dtype, measure_matmul_flops, mfu, peak_flops, train_flops_per_token
+from litmodel.lora import apply_lora, mark_only_lora_as_trainable
+from litmodel.precision import native_half_matmul
+from litmodel.training import TrainArgs, build_optimizer
 
 
 # ---- memory of one step (Linux) ------------------------------------------------------------------
@@ -212,14 +210,12 @@ resident set (VmHWM), weights included: that is what QLoRA is for. LoRA and QLoR
 def write_random_checkpoint(name: str, work_dir: Path) -> Path:
     """A checkpoint dir of the registry config ``name`` with random bf16 weights (std 0.02), written once."""
     from litmodel.checkpoint import save_checkpoint_dir
-    from litmodel.utils import skip_weight_init
 
     out = work_dir / name
     if (out / "model.safetensors").is_file():
         return out
     config = Config.from_name(name)
-    with torch.device("meta"), skip_weight_init():
-        meta = build_model(config)
+    meta = build_meta_model(config)
     g = torch.Generator().manual_seed(0)
     state = {}
     for k, p in meta.state_dict().items():
@@ -365,7 +361,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     config = Config.from_name(args.model)
-    fast_bf16 = cpu_supports_fast_bf16()
+    fast_bf16 = native_half_matmul(torch.bfloat16)
     bf16_B, bf16_T = (args.batch, args.seq) if fast_bf16 and args.bf16_tokens is None else (1, args.bf16_tokens or 8)
     B, T = args.batch, args.seq
     variants = [

@@ -44,14 +44,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 import torch.nn as nn
 
 from litmodel import Config, build_model
+from litmodel.decode_step import make_decode_step
 from litmodel.fast_decode import prepare_fast_decode
-from litmodel.generate import generate, make_decode_step, prepare_model, resolve_precision
+from litmodel.generate import generate
+from litmodel.generation_setup import prepare_model
+from litmodel.precision import inference_dtype
 from litmodel.quantize import optimize_for_decode
 from litmodel.speculative import SpeculativeStats, speculative_generate
 from litmodel.utils import tune_allocator
@@ -96,7 +97,7 @@ def bandwidth_gbs(t: torch.Tensor, reps: int = 3) -> tuple[float, float]:
 
 def hf_model(lit, cfg: Config):
     import transformers
-    from litmodel.convert import lit_to_hf_plan
+    from litmodel.hf_names import lit_to_hf_plan
 
     hf_cfg = transformers.LlamaConfig(**{k: v for k, v in cfg.to_hf_config().items() if k != "architectures"})
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
@@ -310,7 +311,7 @@ def main() -> None:
     args = p.parse_args()
     tune_allocator()
     torch.set_num_threads(args.threads)
-    default_dtype = resolve_precision(None, torch.device("cpu"))
+    default_dtype = inference_dtype(None, torch.device("cpu"))
     cfg = Config.from_name("SmolLM2-135M")
     torch.manual_seed(0)
     base = build_model(cfg)

@@ -17,7 +17,6 @@ Allocators: "default" is glibc malloc as it comes; "tuned" is what litmodel's en
 from __future__ import annotations
 
 import argparse
-import ctypes.util
 import glob
 import json
 import os
@@ -25,10 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 MODELS = {
     "gpt-6x384": dict(name="gpt-6x384", model_type="gpt2", block_size=256, vocab_size=50304, n_layer=6, n_head=6,
@@ -106,11 +102,11 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(**json.loads(args.worker))))
         return
-    import torch
+    import torch  # here, not at the top: the per-variant workers set threads before importing it
 
-    from litmodel.training import cpu_supports_fast_bf16
+    from litmodel.precision import native_half_matmul
 
-    fast_bf16 = cpu_supports_fast_bf16()
+    fast_bf16 = native_half_matmul(torch.bfloat16)
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, oneDNN bf16 kernels: {fast_bf16}")
     if args.precisions is None:
         args.precisions = "32-true,bf16-mixed,bf16-true" if fast_bf16 else "32-true"

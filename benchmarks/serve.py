@@ -34,19 +34,20 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 import httpx
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from litmodel import Config, build_model
+from litmodel.batching import BatchEngine
 from litmodel.checkpoint import save_checkpoint_dir
+from litmodel.generation_request import Request, SamplingParams
+from litmodel.generation_setup import setup_generation
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_checkpoint(out: Path, model_name: str) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
     cfg = Config.from_name(model_name)
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -61,9 +62,6 @@ def make_checkpoint(out: Path, model_name: str) -> Path:
 
 def step_times(ckpt: Path, precision: str, sizes: list[int], steps: int) -> dict[int, float]:
     """Median seconds of one engine decode step with n active slots (the server's model setup, in-process)."""
-    from litmodel.batching import BatchEngine, Request, SamplingParams
-    from litmodel.generate import setup_generation
-
     gen = setup_generation(ckpt, device="cpu", precision=precision)
     out = {}
     for n in sizes:

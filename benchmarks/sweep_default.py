@@ -24,11 +24,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from litmodel import Config, build_model
+from litmodel.flops import train_flops_per_token
 
-from litmodel import Config, build_model  # noqa: E402
-from litmodel.flops import train_flops_per_token  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT = ROOT / "configs" / "pretrain" / "default.yaml"
 DEFAULT_TOKENS, DEFAULT_WARMUP_FRACTION = 500_000, 20 / 122

@@ -11,14 +11,8 @@ model), so generate/chat.py, scripts/convert_lit_checkpoint.py and evaluation re
 The recipe itself is litmodel/finetune_dpo.py: read it top to bottom. The loss: litmodel/dpo.py.
 """
 
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # also runs from a checkout that was not pip-installed
-
-from litmodel.finetune_dpo import setup  # noqa: E402
-from litmodel.utils import cli_main  # noqa: E402
+from litmodel.cli import cli_main
+from litmodel.finetune_dpo import setup
 
 if __name__ == "__main__":
     cli_main(setup)(description=__doc__)

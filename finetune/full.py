@@ -9,14 +9,8 @@ generate/base.py, generate/chat.py and scripts/convert_lit_checkpoint.py read as
 The recipe itself is litmodel/finetune.py (shared with finetune/lora.py): read it top to bottom.
 """
 
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # also runs from a checkout that was not pip-installed
-
-from litmodel.finetune import setup  # noqa: E402
-from litmodel.utils import cli_main  # noqa: E402
+from litmodel.cli import cli_main
+from litmodel.finetune import setup
 
 if __name__ == "__main__":
     cli_main(setup)("full", description=__doc__)

@@ -26,15 +26,19 @@ import time
 from pathlib import Path
 from typing import Literal, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also works from a checkout without install
-
 import torch
 
-from litmodel.batching import BatchEngine, Request, SamplingParams
-from litmodel.generate import (Timer, check_lengths, check_sampling, dump_prompt_ids, generate, make_generator,
-                               model_bytes, precision_name, read_stdin_prompt, setup_generation, sync, warmup)
+from litmodel.batching import BatchEngine
+from litmodel.cli import cli_main, parse_function_args
+from litmodel.generate import generate
+from litmodel.generation_cli import (Timer, check_lengths, dump_prompt_ids, model_bytes, read_stdin_prompt,
+                                     stream_to_stdout)
+from litmodel.generation_request import Request, SamplingParams
+from litmodel.generation_setup import setup_generation, warmup
+from litmodel.precision import precision_name
+from litmodel.sampling import check_sampling, make_generator
 from litmodel.speculative import SpeculativeStats, check_draft, speculative_generate
-from litmodel.utils import LitModelError, cli_main
+from litmodel.utils import LitModelError
 
 SAME_TOKENIZER_PROBE = "Hello, world! 123 The quick brown fox; ünïcödé."
 
@@ -137,7 +141,6 @@ def main(
     for i in range(num_samples):
         timer = Timer()
         decoder = tok.incremental_decoder(context_ids=ids)
-        out = []
         stats = SpeculativeStats()
         if draft is not None:
             stream = speculative_generate(gen.model, draft.model, ids, max_new_tokens, k=speculative_k,
@@ -146,15 +149,7 @@ def main(
         else:
             stream = generate(gen.model, ids, max_new_tokens, temperature, top_k, top_p, tok.stop_ids,
                               generator=generator, decode_step=gen.decode_step, max_seq_length=max_seq_length)
-        for t in stream:
-            timer.tick()
-            out.append(t)
-            sys.stdout.write(decoder.add(t))
-            sys.stdout.flush()
-        sync(gen.device)
-        sys.stdout.write(decoder.flush() + "\n")
-        sys.stdout.flush()
-        outputs.append(out)
+        outputs.append(stream_to_stdout(stream, decoder, timer, gen.device))
         label = f"sample {i + 1}/{num_samples}: " if num_samples > 1 else ""
         print(label + timer.report(gen.device), file=sys.stderr)
         if draft is not None:
@@ -230,8 +225,6 @@ def generate_file(gen, prompts_file: Path, max_batch_size: int, max_new_tokens: 
 
 
 def setup(argv: Optional[list[str]] = None) -> None:
-    from litmodel.cli import parse_function_args
-
     main(**parse_function_args(main, argv, __doc__))
 
 

@@ -17,13 +17,14 @@ import time
 from pathlib import Path
 from typing import Literal, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also works from a checkout without install
-
 import torch
 
-from litmodel.generate import (CacheState, Timer, check_lengths, check_sampling, dump_prompt_ids, fit_conversation,
-                               generate, make_generator, setup_generation, sync, warmup)
-from litmodel.utils import LitModelError, cli_main
+from litmodel.cli import cli_main, parse_function_args
+from litmodel.generate import CacheState, generate
+from litmodel.generation_cli import Timer, check_lengths, dump_prompt_ids, fit_conversation, stream_to_stdout
+from litmodel.generation_setup import setup_generation, warmup
+from litmodel.sampling import check_sampling, make_generator
+from litmodel.utils import LitModelError
 
 CACHE_BUCKET = 256  # KV-cache lengths are multiples of this (few shapes to compile, cache reused across turns)
 
@@ -50,7 +51,8 @@ def main(
     """Interactive multi-turn chat.
 
     Args:
-        checkpoint_dir: A litmodel checkpoint dir (model.safetensors, model_config.yaml, tokenizer files with a chat template).
+        checkpoint_dir: A litmodel checkpoint dir (model.safetensors, model_config.yaml, tokenizer files with a
+            chat template).
         system: An optional system message, kept for the whole conversation (and across !reset).
         max_new_tokens: The most tokens of one reply (a reply also ends at the end-of-turn token).
         temperature: Sampling temperature; 0 is greedy decoding.
@@ -125,24 +127,15 @@ def main(
             print(">> Assistant: ", end="", file=sys.stderr, flush=True)
         timer = Timer()
         decoder = tok.incremental_decoder(skip_special_tokens=False, context_ids=ids)
-        reply = []
-        for t in generate(gen.model, ids, max_new_tokens, temperature, top_k, top_p, stop, generator=generator,
-                          decode_step=gen.decode_step, max_seq_length=cache_len, cache_state=state):
-            timer.tick()
-            reply.append(t)
-            sys.stdout.write(decoder.add(t))
-            sys.stdout.flush()
-        sync(gen.device)
-        sys.stdout.write(decoder.flush() + "\n")
-        sys.stdout.flush()
+        tokens = generate(gen.model, ids, max_new_tokens, temperature, top_k, top_p, stop, generator=generator,
+                          decode_step=gen.decode_step, max_seq_length=cache_len, cache_state=state)
+        reply = stream_to_stdout(tokens, decoder, timer, gen.device)
         messages.append({"role": "assistant", "content": tok.decode(reply)})
         print(f"({timer.report(gen.device)})", file=sys.stderr)
     return messages
 
 
 def setup(argv: Optional[list[str]] = None) -> None:
-    from litmodel.cli import parse_function_args
-
     main(**parse_function_args(main, argv, __doc__))
 
 

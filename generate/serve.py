@@ -21,11 +21,12 @@ import time
 from pathlib import Path
 from typing import Literal, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also works from a checkout without install
-
 from litmodel.batching import BatchEngine, EngineThread
-from litmodel.generate import model_bytes, precision_name, setup_generation
-from litmodel.utils import LitModelError, cli_main
+from litmodel.cli import cli_main, parse_function_args
+from litmodel.generation_cli import model_bytes
+from litmodel.generation_setup import setup_generation
+from litmodel.precision import precision_name
+from litmodel.utils import LitModelError
 
 DEFAULT_MAX_SEQ_LENGTH = 2048  # KV cache positions per slot unless --max_seq_length says otherwise
 
@@ -111,8 +112,6 @@ def main(
 
 
 def setup(argv: Optional[list[str]] = None) -> None:
-    from litmodel.cli import parse_function_args
-
     main(**parse_function_args(main, argv, __doc__))
 
 

@@ -6,70 +6,21 @@ safetensors file, so the weights are never held twice in memory.
 
 from __future__ import annotations
 
-import json
-import mmap
-import struct
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
+from litmodel import build_meta_model
+from litmodel.atomic import atomic_dir
 from litmodel.config import Config
-from litmodel.utils import LitModelError, atomic_file, skip_weight_init
+from litmodel.safetensors_io import mmap_safetensors, save_safetensors
+from litmodel.tokenizer import copy_tokenizer_files
+from litmodel.utils import LitModelError
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "model_config.yaml"
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def read_safetensors_header(path: str | Path) -> tuple[dict, int]:
-    """(header without `__metadata__`, offset where the tensor data starts); checks the file is complete."""
-    path = Path(path)
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8:
-                raise ValueError("header longer than the file")
-            header = json.loads(f.read(n))
-    except (struct.error, ValueError, UnicodeDecodeError) as err:
-        raise LitModelError(f"{path} is not a valid safetensors file ({err}); re-download or re-convert it") from err
-    header.pop("__metadata__", None)
-    end = max((info["data_offsets"][1] for info in header.values()), default=0)
-    if 8 + n + end > size:
-        raise LitModelError(f"{path} is truncated ({size} bytes, its header needs {8 + n + end}); "
-                            "re-download or re-convert it")
-    return header, 8 + n
-
-
-def mmap_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file as copy-on-write views of a memory map (no copy made)."""
-    header, start = read_safetensors_header(path)
-    with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    tensors = {}
-    for name, info in header.items():
-        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise LitModelError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        begin, end = info["data_offsets"]
-        count = (end - begin) // dtype.itemsize
-        t = torch.frombuffer(mm, dtype=dtype, count=count, offset=start + begin) if count else torch.empty(0, dtype=dtype)
-        tensors[name] = t.view(info["shape"])
-    return tensors
-
-
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
-    """Write tensors atomically (temp file, then rename)."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
-    with atomic_file(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata or {"format": "pt"})
-
 
 def model_state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict as it goes into `model.safetensors` (a tied head is stored once)."""
@@ -99,16 +50,16 @@ def load_config(checkpoint_dir: str | Path) -> Config:
     return Config.from_yaml(check_checkpoint_dir(checkpoint_dir) / CONFIG_FILE)
 
 
-def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Raise a one-line error naming the first tensor that does not fit the model."""
+def check_tensor_shapes(model: nn.Module, shapes: Mapping[str, Sequence[int]], source: str) -> None:
+    """Raise a one-line error naming the first tensor of ``source`` (name -> shape) that does not fit the model."""
     expected = model_state_for_saving(model)
-    for name, t in state_dict.items():
+    for name, shape in shapes.items():
         if name not in expected:
             raise LitModelError(f"{source}: unexpected tensor {name!r}; the file does not belong to this model config")
-        if tuple(t.shape) != tuple(expected[name].shape):
-            raise LitModelError(f"{source}: tensor {name!r} has shape {tuple(t.shape)} but the config needs "
+        if tuple(shape) != tuple(expected[name].shape):
+            raise LitModelError(f"{source}: tensor {name!r} has shape {tuple(shape)} but the config needs "
                                 f"{tuple(expected[name].shape)}; the weights do not match model_config.yaml")
-    missing = [n for n in expected if n not in state_dict]
+    missing = [n for n in expected if n not in shapes]
     if missing:
         raise LitModelError(f"{source}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
 
@@ -116,14 +67,11 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], sour
 def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                config: Config | None = None) -> nn.Module:
     """Build the model on the meta device and fill it from `model.safetensors` (memory-mapped)."""
-    from litmodel import build_model
-
     d = check_checkpoint_dir(checkpoint_dir)
     config = config or load_config(d)
-    with torch.device("meta"), skip_weight_init():
-        model = build_model(config)
+    model = build_meta_model(config)
     state_dict = mmap_safetensors(d / MODEL_FILE)
-    check_state_dict(model, state_dict, str(d / MODEL_FILE))
+    check_tensor_shapes(model, {k: t.shape for k, t in state_dict.items()}, str(d / MODEL_FILE))
     device = torch.device(device)
     if dtype is not None or device.type != "cpu":
         state_dict = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None)
@@ -137,8 +85,6 @@ def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu", d
 def save_checkpoint_dir(out_dir: str | Path, model_or_state: nn.Module | dict, config: Config,
                         tokenizer_dir: str | Path | None = None) -> Path:
     """Write a complete checkpoint dir atomically: a half-written dir is never left under `out_dir`."""
-    from litmodel.utils import atomic_dir
-
     if isinstance(model_or_state, nn.Module):
         state = model_state_for_saving(model_or_state)
     else:
@@ -150,7 +96,5 @@ def save_checkpoint_dir(out_dir: str | Path, model_or_state: nn.Module | dict, c
         save_safetensors(state, tmp / MODEL_FILE)
         config.to_yaml(tmp / CONFIG_FILE)
         if tokenizer_dir is not None:
-            from litmodel.tokenizer import copy_tokenizer_files
-
             copy_tokenizer_files(tokenizer_dir, tmp)
     return out_dir

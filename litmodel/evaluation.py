@@ -25,7 +25,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from litmodel.fabric import capture_rng_state, restore_rng_state
-from litmodel.generate import generate_tokens, make_generator
+from litmodel.generate import generate_tokens
+from litmodel.sampling import make_generator
 from litmodel.scoring import score_continuations
 from litmodel.utils import LitModelError
 
@@ -34,6 +35,8 @@ try:
     import lm_eval
     from lm_eval.api.model import TemplateLM
     from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._index import Kind
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ImportError as err:  # the [eval] extra is not installed
     raise LitModelError(f'lm-eval is not installed ({err.msg}); install it with `pip install -e ".[eval]"`') from None
@@ -62,13 +65,14 @@ class LitLM(TemplateLM):
         if batch_size < 1:
             raise LitModelError(f"--batch_size must be >= 1, got {batch_size}")
         if tokenizer.eos_id is None and tokenizer.bos_id is None:
-            raise LitModelError(f"the tokenizer in {tokenizer.checkpoint_dir} has neither an EOS nor a BOS token, which "
-                                "the harness needs as the context of an empty prompt; add one to tokenizer_config.json")
+            raise LitModelError(f"the tokenizer in {tokenizer.checkpoint_dir} has neither an EOS nor a BOS token, "
+                                "which the harness needs as the context of an empty prompt; add one to "
+                                "tokenizer_config.json")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self._max_length = max_length or block_size
-        self._max_gen_toks = max_gen_toks
+        self.max_length = max_length or block_size  # the harness reads these two as attributes
+        self.max_gen_toks = max_gen_toks
         self.name = name
         self.progress = progress
         self._device = next(model.parameters()).device
@@ -83,14 +87,6 @@ class LitLM(TemplateLM):
     def prefix_token_id(self) -> int:
         """The context of an empty prompt: BOS, else EOS (as the HF backend)."""
         return self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.tokenizer.eos_id
-
-    @property
-    def max_length(self) -> int:
-        return self._max_length
-
-    @property
-    def max_gen_toks(self) -> int:
-        return self._max_gen_toks
 
     @property
     def tokenizer_name(self) -> str:
@@ -254,14 +250,10 @@ def task_manager(tasks: Sequence[str], include_path: str | Path | None = None):
     Building the index of lm-eval's ~15k built-in tasks takes ~10 s, so when every name is a task under
     ``include_path`` only that directory is indexed.
     """
-    from lm_eval.tasks import TaskManager
-
     if include_path is not None and not Path(include_path).exists():
         raise LitModelError(f"--include_path {include_path} does not exist; pass a directory of task YAML files")
     names = [t for t in tasks if not Path(t).is_file()]  # a task YAML path is a task too
     if include_path is not None:
-        from lm_eval.tasks._index import Kind
-
         local = TaskManager(include_path=str(include_path), include_defaults=False)
         if all(n in local.task_index and local.task_index[n].kind in (Kind.TASK, Kind.PY_TASK) for n in names):
             return local
@@ -290,9 +282,10 @@ def run_tasks(lm, tasks: Sequence[str], manager=None, num_fewshot: int | None = 
               apply_chat_template: bool = False, fewshot_as_multiturn: bool | None = None,
               seed: int | None = None, log_samples: bool = False, bootstrap_iters: int = 100_000,
               verbose: bool = True) -> dict[str, Any]:
-    """Run lm-eval's tasks on ``lm`` (a `LitLM`, or any lm-eval `LM`) and return its results dict (``results``, ``configs``, ``n-shot``, ...;
-    ``samples`` when ``log_samples``). ``seed`` sets python, numpy, torch and few-shot seeds (default:
-    lm-eval's 0/1234/1234/1234). ``fewshot_as_multiturn`` defaults to ``apply_chat_template``, as lm-eval's CLI."""
+    """Run lm-eval's tasks on ``lm`` (a `LitLM`, or any lm-eval `LM`) and return its results dict (``results``,
+    ``configs``, ``n-shot``, ...; ``samples`` when ``log_samples``). ``seed`` sets python, numpy, torch and
+    few-shot seeds (default: lm-eval's 0/1234/1234/1234). ``fewshot_as_multiturn`` defaults to
+    ``apply_chat_template``, as lm-eval's CLI."""
     check_limit(limit)
     manager = manager or task_manager(tasks, include_path)
     seeds = DEFAULT_SEEDS if seed is None else (seed,) * 4

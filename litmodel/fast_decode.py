@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from litmodel.layers import CausalSelfAttention, KVCache, RMSNorm, apply_rope
 from litmodel.llama import Block, SwiGLU
-from litmodel.quantize import DecodeLinear, _native_half_matmul, swap_modules
+from litmodel.precision import native_half_matmul
+from litmodel.quantize import DecodeLinear, swap_modules
 
 
 def packable(weight: torch.Tensor) -> bool:
@@ -46,7 +47,7 @@ def packable(weight: torch.Tensor) -> bool:
         return False
     if weight.dtype == torch.float32:
         return True
-    return weight.dtype in (torch.bfloat16, torch.float16) and _native_half_matmul(weight.dtype)
+    return weight.dtype in (torch.bfloat16, torch.float16) and native_half_matmul(weight.dtype)
 
 
 class PackedLinear(nn.Module):

@@ -36,8 +36,8 @@ from typing import Literal, Optional, Union
 import torch
 import torch.nn as nn
 
-from litmodel.checkpoint import (CONFIG_FILE, MODEL_FILE, SAFETENSORS_DTYPES, check_checkpoint_dir, load_config,
-                                 load_model, model_state_for_saving, read_safetensors_header, save_safetensors)
+from litmodel.checkpoint import (CONFIG_FILE, MODEL_FILE, check_checkpoint_dir, load_config, load_model,
+                                 model_state_for_saving)
 from litmodel.data.sft import IGNORE_INDEX, JSON, JSONData
 from litmodel.fabric import Fabric
 from litmodel.flops import train_flops_per_token
@@ -45,12 +45,15 @@ from litmodel.nf4 import load_model_nf4, nf4_model_nbytes, round_trip_nf4_
 from litmodel.lora import (LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, LoRAConfig, apply_lora, load_lora,
                            mark_only_lora_as_trainable, merge_lora)
 from litmodel.plot import write_loss_plot
+from litmodel.precision import param_dtype, resolve_precision
+from litmodel.quantize import TRAINING_QUANTIZE_MODES
+from litmodel.safetensors_io import SAFETENSORS_DTYPES, read_safetensors_header, save_safetensors
 from litmodel.sharded_checkpoint import fill_from_checkpoint
 from litmodel.training import (EvalArgs, TrainArgs, accumulation_steps, build_optimizer, fit, language_model_loss,
-                               resolve_precision, resolve_resume, save_final_checkpoint)
-from litmodel.utils import LitModelError, atomic_dir
+                               resolve_resume, save_final_checkpoint)
+from litmodel.atomic import atomic_dir
+from litmodel.utils import LitModelError
 
-QUANTIZE_MODES = {"nf4": "nf4", "bnb.nf4": "nf4"}  # --quantize value -> mode (litgpt's name as an alias)
 
 
 # ---- argument groups -----------------------------------------------------------------------------
@@ -229,8 +232,8 @@ def _run(method: str, checkpoint_dir: Path, data: Optional[JSONData], out_dir: P
          merge: bool = True, quantize: Optional[str] = None) -> None:
     """Check every input that can be checked here (so a mistake costs no process start and writes nothing),
     build the Fabric and launch `main`."""
-    from litmodel.data.sft import load_records
-    from litmodel.generate import load_tokenizer
+    from litmodel.data.records import load_records
+    from litmodel.tokenizer import load_tokenizer
 
     out_dir = Path(out_dir)
     resolve_resume(out_dir, resume)  # refuse to overwrite another run
@@ -295,11 +298,11 @@ def _check_quantize(quantize: str) -> str:
     """The quantization mode of a --quantize value (one line for an unknown one or a missing torchao)."""
     import importlib.util
 
-    if quantize not in QUANTIZE_MODES:
+    if quantize not in TRAINING_QUANTIZE_MODES:
         raise LitModelError(f"unknown --quantize {quantize!r}; choose nf4 (alias bnb.nf4) or leave it out")
     if importlib.util.find_spec("torchao") is None:
         raise LitModelError(f"--quantize {quantize} needs torchao: pip install torchao (the quant extra)")
-    return QUANTIZE_MODES[quantize]
+    return TRAINING_QUANTIZE_MODES[quantize]
 
 
 # ---- the recipe ----------------------------------------------------------------------------------
@@ -444,10 +447,6 @@ def write_final(fabric: Fabric, model, method: str, lora: Optional[LoRAConfig], 
     fabric.print(f"saved {final}" + (" (adapter only; merge with scripts/merge_lora.py)"
                                      if method == "lora" and not merge else ""))
     return final
-
-
-def param_dtype(precision: str) -> torch.dtype:
-    return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision, torch.float32)
 
 
 def _mean_length(data: JSONData) -> int:

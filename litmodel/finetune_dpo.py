@@ -31,8 +31,9 @@ from litmodel.data.preference import JSON, PreferenceData, load_preference_recor
 from litmodel.dpo import METRICS, DPOArgs, DPOObjective, count_pairs, precompute_reference
 from litmodel.fabric import Fabric
 from litmodel.finetune import (FinetuneEvalArgs, FinetuneTrainArgs, LoRAArgs, build_finetune_model, make_loaders,
-                               param_dtype, prepare_run, print_sample, resume_hooks, setup_data, write_final)
+                               prepare_run, print_sample, resume_hooks, setup_data, write_final)
 from litmodel.plot import write_loss_plot
+from litmodel.precision import param_dtype
 from litmodel.sharded_checkpoint import fill_from_checkpoint
 from litmodel.lora import LoRAConfig
 from litmodel.flops import forward_flops_per_token, train_flops_per_token
@@ -103,7 +104,7 @@ def finetune_dpo(checkpoint_dir: Path, data: Optional[PreferenceData] = None, ou
             --method lora only.
         merge: LoRA: also write the merged model into out_dir/final so every other script reads it as is.
     """
-    from litmodel.generate import load_tokenizer
+    from litmodel.tokenizer import load_tokenizer
 
     out_dir = Path(out_dir)
     resolve_resume(out_dir, resume)  # refuse to overwrite another run

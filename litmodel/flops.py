@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from litmodel.config import Config
-from litmodel.utils import atomic_file
+from litmodel.atomic import atomic_file
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Hugging Face interop: read HF checkpoint dirs, stream conversions both ways, download from the Hub.
+"""Hugging Face <-> litmodel conversion: read HF model dirs, check them, stream the conversion both ways.
 
 Conversions are streamed. The output safetensors header (every tensor's name, dtype, shape and byte
 offsets) is computed up front from the source headers; then each output tensor's bytes are appended
@@ -10,31 +10,32 @@ under temporary names and renamed into place only when complete.
 
     convert_hf_checkpoint(hf_dir, out_dir)        # HF dir -> litmodel checkpoint dir
     convert_lit_checkpoint(lit_dir, out_dir)      # litmodel checkpoint dir -> HF dir
-    download(repo_id, checkpoint_root)            # Hub (or its cache) -> checkpoints/<org>/<name>
+
+The name and layout maps (which tensors each output is built from) are in ``litmodel.hf_names``; the
+safetensors reading and streaming writer in ``litmodel.safetensors_io``; Hub downloads in ``litmodel.hub``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import re
-import shutil
-import struct
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Union
+from typing import Callable, Iterator
 
 import torch
 
-from litmodel.checkpoint import CONFIG_FILE, MODEL_FILE, SAFETENSORS_DTYPES, load_config, read_safetensors_header
-from litmodel.config import HF_MODEL_TYPES, Config, hf_text_config, name_to_config
-from litmodel.convert import IGNORED_HF_SUFFIXES, VISION_PREFIXES, hf_aliases, hf_to_lit_plan, lit_to_hf_plan
-from litmodel.convert import _cat, _same  # the plans' layout-preserving functions
-from litmodel.utils import LitModelError, fsync_tree, parse_dtype, skip_weight_init
+from litmodel import build_meta_model
+from litmodel.atomic import publish, staging_dir
+from litmodel.checkpoint import CONFIG_FILE, MODEL_FILE, check_checkpoint_dir, load_config, model_state_for_saving
+from litmodel.config import HF_MODEL_TYPES, Config, hf_text_config
+from litmodel.config_registry import name_to_config
+from litmodel.hf_names import (IGNORED_HF_SUFFIXES, VISION_PREFIXES, cat_rows, hf_aliases, hf_to_lit_plan,
+                               lit_to_hf_plan, unchanged)
+from litmodel.safetensors_io import Chunk, Step, TensorSource, read_safetensors_header, write_safetensors_stream
+from litmodel.tokenizer import copy_tokenizer_files
+from litmodel.utils import LitModelError, parse_dtype
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -42,40 +43,7 @@ BIN_WEIGHTS = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 HF_CONFIG = "config.json"
 
-# Used only if litmodel.tokenizer is unavailable; the union of both lists is downloaded.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                    "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt")
-
-_DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-_BYTE_PRESERVING = (_same, _cat)
-
-
-def tokenizer_file_names() -> tuple[str, ...]:
-    try:
-        from litmodel.tokenizer import TOKENIZER_FILES
-    except ImportError:
-        TOKENIZER_FILES = ()
-    return tuple(dict.fromkeys((*TOKENIZER_FILES, *_TOKENIZER_FILES)))
-
-
-def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
-    """Copy the tokenizer files (and generation_config.json) that exist in ``src`` into ``dst``."""
-    src, dst = Path(src), Path(dst)
-    if src.resolve() == dst.resolve():
-        return [n for n in tokenizer_file_names() if (src / n).is_file()]
-    try:
-        from litmodel.tokenizer import copy_tokenizer_files as _copy
-    except ImportError:
-        _copy = None
-    if _copy is not None:
-        _copy(src, dst)
-    copied = []
-    for name in tokenizer_file_names():
-        if (src / name).is_file():
-            if not (dst / name).is_file():
-                shutil.copyfile(src / name, dst / name)  # follows the HF cache's symlinks
-            copied.append(name)
-    return copied
+_BYTE_PRESERVING = (unchanged, cat_rows)
 
 
 def parse_size(size: int | str) -> int:
@@ -89,117 +57,7 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * base ** " KMGT".index(m.group(2) or " "))
 
 
-# ================================================================== reading source tensors
-@dataclass
-class TensorInfo:
-    file: Path
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    offset: int = 0  # absolute byte offset in a safetensors file
-    nbytes: int = 0
-
-
-def _nbytes(shape: Iterable[int], dtype: torch.dtype) -> int:
-    return math.prod(shape) * dtype.itemsize
-
-
-class TensorSource:
-    """Lazy, name-addressed access to the tensors of one or more weight files.
-
-    safetensors: only headers are read up front; ``read(name)`` preads the tensor's bytes into a
-    fresh buffer. ``pytorch_model*.bin``: loaded with ``torch.load(mmap=True, weights_only=True)``,
-    one shard at a time (the previous shard's mapping is dropped when another is needed).
-    """
-
-    def __init__(self, infos: dict[str, TensorInfo], kind: str, description: str) -> None:
-        self.infos, self.kind, self.description = infos, kind, description
-        self._fds: dict[Path, int] = {}
-        self._bin: tuple[Path, dict] | None = None
-
-    # ---- construction
-    @classmethod
-    def from_safetensors_files(cls, files: list[Path], description: str) -> "TensorSource":
-        infos: dict[str, TensorInfo] = {}
-        for file in files:
-            header, start = read_safetensors_header(file)
-            for name, info in header.items():
-                try:
-                    dtype = SAFETENSORS_DTYPES[info["dtype"]]
-                    shape = tuple(int(s) for s in info["shape"])
-                    begin, end = (int(x) for x in info["data_offsets"])
-                except (KeyError, TypeError, ValueError) as err:
-                    raise LitModelError(f"{file} is corrupt (bad header entry for {name!r}: {err!r}); "
-                                        "re-download or re-convert it") from None
-                if end - begin != _nbytes(shape, dtype) or begin < 0:
-                    raise LitModelError(f"{file} is corrupt (tensor {name!r} claims {end - begin} bytes for shape "
-                                        f"{shape} {info['dtype']}); re-download or re-convert it")
-                infos[name] = TensorInfo(file, shape, dtype, start + begin, end - begin)
-        return cls(infos, "safetensors", description)
-
-    @classmethod
-    def from_bin_files(cls, files: list[Path], description: str) -> "TensorSource":
-        infos: dict[str, TensorInfo] = {}
-        for file in files:
-            for name, t in _torch_load(file).items():
-                if isinstance(t, torch.Tensor):
-                    infos[name] = TensorInfo(file, tuple(t.shape), t.dtype, 0, t.numel() * t.element_size())
-        return cls(infos, "bin", description)
-
-    # ---- access
-    def names(self) -> list[str]:
-        return list(self.infos)
-
-    def read(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
-        """The tensor ``name``; safetensors data is read into ``buffer`` (uint8, large enough) if given."""
-        info = self.infos[name]
-        if self.kind == "bin":
-            if self._bin is None or self._bin[0] != info.file:
-                self._bin = None  # drop the previous shard's mapping first
-                self._bin = (info.file, _torch_load(info.file))
-            return self._bin[1][name]
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        fd = self.fd(info.file)
-        buf = torch.empty(info.nbytes, dtype=torch.uint8) if buffer is None else buffer[: info.nbytes]
-        view = memoryview(buf.numpy())
-        done = 0
-        while done < info.nbytes:
-            n = os.preadv(fd, [view[done:]], info.offset + done)
-            if n <= 0:
-                raise LitModelError(f"{info.file} is truncated (tensor {name!r}); re-download or re-convert it")
-            done += n
-        return buf.view(info.dtype).view(info.shape)
-
-    def fd(self, file: Path) -> int:
-        if file not in self._fds:
-            self._fds[file] = os.open(file, os.O_RDONLY)
-        return self._fds[file]
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-        self._bin = None
-
-
-def _torch_load(file: Path) -> dict:
-    try:
-        try:
-            sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):  # legacy (non-zip) format cannot be memory-mapped
-                raise
-            sd = torch.load(file, map_location="cpu", weights_only=True)
-    except LitModelError:
-        raise
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise LitModelError(f"{file} is not a readable PyTorch checkpoint ({msg}); re-download it") from None
-    if not isinstance(sd, dict):
-        raise LitModelError(f"{file} does not hold a state dict; re-download it")
-    return sd.get("state_dict", sd) if "state_dict" in sd and isinstance(sd["state_dict"], dict) else sd
-
-
+# ================================================================== reading Hugging Face dirs
 def _index_files(index: Path) -> list[Path]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -276,161 +134,6 @@ def guess_repo_id(hf_dir: Path, hf: dict) -> str | None:
     return None
 
 
-# ================================================================== streaming safetensors writer
-@dataclass
-class Step:
-    """One output tensor: built by ``fn`` from the source tensors ``sources``."""
-
-    name: str
-    sources: list[str]
-    fn: Callable[..., torch.Tensor]
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return _nbytes(self.shape, self.dtype)
-
-
-def safetensors_header(steps: list[Step], metadata: dict | None = None) -> bytes:
-    header: dict = {"__metadata__": metadata or {"format": "pt"}}
-    offset = 0
-    for s in steps:
-        header[s.name] = {"dtype": _DTYPE_NAMES[s.dtype], "shape": list(s.shape),
-                          "data_offsets": [offset, offset + s.nbytes]}
-        offset += s.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned
-    return struct.pack("<Q", len(blob)) + blob
-
-
-# A chunk of output bytes: a tensor, or a byte range (fd, offset, nbytes) of a source file that is
-# copied as is (os.copy_file_range: in the kernel, never through this process's memory).
-Chunk = Union[torch.Tensor, tuple[int, int, int]]
-
-
-def _concatenates(fn: Callable) -> bool:
-    """Whether ``fn``'s output bytes are its inputs' bytes in order (rename, cat along dim 0, stack)."""
-    return fn in _BYTE_PRESERVING or getattr(fn, "concat_bytes", False)
-
-
-def _byte_ranges(step: Step, source: TensorSource) -> list[tuple[int, int, int]] | None:
-    """The source byte ranges whose concatenation is the output, when the step keeps the bytes as
-    they are (a renamed tensor, or fused tensors concatenated along dim 0, in the same dtype)."""
-    if source.kind != "safetensors" or not _concatenates(step.fn):
-        return None
-    infos = [source.infos[n] for n in step.sources]
-    if any(i.dtype != step.dtype for i in infos):
-        return None
-    return [(source.fd(i.file), i.offset, i.nbytes) for i in infos]
-
-
-def run_steps(steps: list[Step], source: TensorSource) -> Iterator[list[Chunk]]:
-    """For each step, the chunks whose bytes, in order, are its output tensor.
-
-    Layout-preserving steps become source byte ranges; the others read their sources into a few
-    reused buffers (so pages are faulted in once, not per tensor) and build the tensor. Consecutive
-    steps with the same sources share one read. Chunks are valid until the next step is requested.
-    """
-    cache: dict[str, torch.Tensor] = {}
-    in_buffers: list[torch.Tensor] = []
-    out_buffers: list[torch.Tensor] = []
-
-    def buffer(pool: list[torch.Tensor], j: int, nbytes: int) -> torch.Tensor:
-        while len(pool) <= j:
-            pool.append(torch.empty(0, dtype=torch.uint8))
-        if pool[j].numel() < nbytes:
-            pool[j] = torch.empty(0, dtype=torch.uint8)  # free the old one first
-            pool[j] = torch.empty(nbytes, dtype=torch.uint8)
-        return pool[j][:nbytes]
-
-    def cast(j: int, t: torch.Tensor) -> torch.Tensor:
-        if t.dtype == step.dtype:
-            return t
-        out = buffer(out_buffers, j, t.numel() * step.dtype.itemsize).view(step.dtype).view(t.shape)
-        return out.copy_(t)  # into a reused buffer: no fresh pages to fault in
-
-    for step in steps:
-        ranges = _byte_ranges(step, source)
-        if ranges is not None:
-            yield list(ranges)
-            continue
-        if list(cache) != step.sources:
-            cache = {n: source.read(n, buffer(in_buffers, j, source.infos[n].nbytes)
-                                    if source.kind == "safetensors" else None)
-                     for j, n in enumerate(step.sources)}
-        tensors = [cache[n] for n in step.sources]
-        if step.fn is not _same and _concatenates(step.fn) and all(t.dim() >= 1 for t in tensors):
-            chunks = [cast(j, t) for j, t in enumerate(tensors)]  # cat along dim 0 = the parts' bytes in order
-        else:
-            chunks = [cast(0, step.fn(*tensors))]
-        if sum(c.numel() for c in chunks) != math.prod(step.shape):  # cannot happen: shapes come from the plan
-            raise RuntimeError(f"{step.name}: built {sum(c.numel() for c in chunks)} elements, planned {step.shape}")
-        yield chunks
-        del chunks, tensors
-
-
-def _write_all(fd: int, data) -> None:
-    view = memoryview(data).cast("B")
-    while view.nbytes:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-def _copy_range(src_fd: int, dst_fd: int, offset: int, nbytes: int) -> None:
-    """Append ``nbytes`` of ``src_fd`` from ``offset`` to ``dst_fd`` (in-kernel copy when possible)."""
-    end = offset + nbytes
-    try:
-        while offset < end:
-            n = os.copy_file_range(src_fd, dst_fd, end - offset, offset)
-            if n == 0:
-                raise LitModelError(f"source file is truncated at byte {offset}; re-download or re-convert it")
-            offset += n
-        return
-    except (OSError, AttributeError):  # no copy_file_range here (old kernel, some filesystems): copy below
-        pass
-    buf = bytearray(min(64 << 20, end - offset))
-    view = memoryview(buf)
-    while offset < end:
-        n = os.preadv(src_fd, [view[: min(len(buf), end - offset)]], offset)
-        if n <= 0:
-            raise LitModelError(f"source file is truncated at byte {offset}; re-download or re-convert it")
-        _write_all(dst_fd, view[:n])
-        offset += n
-
-
-def write_safetensors_stream(path: Path, steps: list[Step], chunks: Iterable[list[Chunk] | torch.Tensor],
-                             metadata: dict | None = None) -> int:
-    """Write the header for ``steps``, then each step's bytes in order. Returns the file size.
-
-    ``chunks`` yields, per step, a tensor or a list of chunks (see `run_steps`).
-    """
-    header = safetensors_header(steps, metadata)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        _write_all(fd, header)
-        it = iter(chunks)
-        for step in steps:
-            item = next(it)
-            written = 0
-            for chunk in [item] if isinstance(item, torch.Tensor) else item:
-                if isinstance(chunk, torch.Tensor):
-                    t = chunk.contiguous()
-                    if t.numel():
-                        _write_all(fd, t.reshape(-1).view(torch.uint8).numpy())
-                    written += t.numel() * t.element_size()
-                    del t
-                else:
-                    _copy_range(chunk[0], fd, chunk[1], chunk[2])
-                    written += chunk[2]
-            if written != step.nbytes:
-                raise RuntimeError(f"{step.name}: wrote {written} bytes, planned {step.nbytes}")
-            del item
-        return os.lseek(fd, 0, os.SEEK_CUR)
-    finally:
-        os.close(fd)
-
-
 # ================================================================== plans -> steps, with validation
 def _meta(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="meta")
@@ -442,9 +145,9 @@ def _apply_meta(fn: Callable[..., torch.Tensor], metas: list[torch.Tensor]) -> t
     Renames and concatenations are worked out directly: `torch.cat` on the meta device goes
     through torch._refs, whose first use imports torch._dynamo (seconds of start-up).
     """
-    if fn is _same:
+    if fn is unchanged:
         return tuple(metas[0].shape), metas[0].dtype
-    if fn is _cat and len({(tuple(m.shape[1:]), m.dtype) for m in metas}) == 1:
+    if fn is cat_rows and len({(tuple(m.shape[1:]), m.dtype) for m in metas}) == 1:
         return (sum(m.shape[0] for m in metas), *metas[0].shape[1:]), metas[0].dtype
     if hasattr(fn, "out_shape") and len({(tuple(m.shape[1:]), m.dtype) for m in metas}) == 1:
         return fn.out_shape([tuple(m.shape) for m in metas]), metas[0].dtype
@@ -454,11 +157,7 @@ def _apply_meta(fn: Callable[..., torch.Tensor], metas: list[torch.Tensor]) -> t
 
 def expected_lit_shapes(config: Config) -> dict[str, tuple[int, ...]]:
     """Every tensor `model.safetensors` holds for ``config`` (tied heads not stored)."""
-    from litmodel import build_model
-    from litmodel.checkpoint import model_state_for_saving
-
-    with skip_weight_init(), torch.device("meta"):
-        model = build_model(config)
+    model = build_meta_model(config)
     return {k: tuple(v.shape) for k, v in model_state_for_saving(model).items()}
 
 
@@ -532,71 +231,66 @@ def _plan_steps(plan, stored: dict[str, str], source: TensorSource, expect: dict
     return steps
 
 
-# ================================================================== output dirs
-@contextlib.contextmanager
-def staging_dir(out_dir: Path) -> Iterator[Path]:
-    """A temp dir where the outputs are written: inside ``out_dir`` when it exists, else beside it.
+# ================================================================== running the steps
+def _concatenates(fn: Callable) -> bool:
+    """Whether ``fn``'s output bytes are its inputs' bytes in order (rename, cat along dim 0, stack)."""
+    return fn in _BYTE_PRESERVING or getattr(fn, "concat_bytes", False)
 
-    Parent dirs created here are removed again if the block fails, so a failed run leaves nothing.
+
+def _byte_ranges(step: Step, source: TensorSource) -> list[tuple[int, int, int]] | None:
+    """The source byte ranges whose concatenation is the output, when the step keeps the bytes as
+    they are (a renamed tensor, or fused tensors concatenated along dim 0, in the same dtype)."""
+    if source.kind != "safetensors" or not _concatenates(step.fn):
+        return None
+    infos = [source.infos[n] for n in step.sources]
+    if any(i.dtype != step.dtype for i in infos):
+        return None
+    return [(source.fd(i.file), i.offset, i.nbytes) for i in infos]
+
+
+def run_steps(steps: list[Step], source: TensorSource) -> Iterator[list[Chunk]]:
+    """For each step, the chunks whose bytes, in order, are its output tensor.
+
+    Layout-preserving steps become source byte ranges; the others read their sources into a few
+    reused buffers (so pages are faulted in once, not per tensor) and build the tensor. Consecutive
+    steps with the same sources share one read. Chunks are valid until the next step is requested.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise LitModelError(f"output dir {out_dir} is a file; pass a directory as --out_dir")
-    created: list[Path] = []
-    base = out_dir if out_dir.is_dir() else out_dir.parent
-    try:
-        for p in reversed([base, *base.parents]):
-            if not p.exists():
-                p.mkdir()
-                created.append(p)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=base))
-    except OSError as err:
-        _remove_dirs(created)
-        raise LitModelError(f"cannot create the output under {base} ({err.strerror or err}); "
-                            "choose another --out_dir") from None
-    try:
-        yield tmp
-    except OSError as err:  # disk full, permissions, ...: say so on one line, leave nothing behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        _remove_dirs(created)
-        raise LitModelError(f"writing {out_dir} failed ({err.strerror or err}"
-                            f"{': ' + str(err.filename) if getattr(err, 'filename', None) else ''}); "
-                            "free disk space or choose another --out_dir") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _remove_dirs(created)
-        raise
-    shutil.rmtree(tmp, ignore_errors=True)
+    cache: dict[str, torch.Tensor] = {}
+    in_buffers: list[torch.Tensor] = []
+    out_buffers: list[torch.Tensor] = []
 
+    def buffer(pool: list[torch.Tensor], j: int, nbytes: int) -> torch.Tensor:
+        while len(pool) <= j:
+            pool.append(torch.empty(0, dtype=torch.uint8))
+        if pool[j].numel() < nbytes:
+            pool[j] = torch.empty(0, dtype=torch.uint8)  # free the old one first
+            pool[j] = torch.empty(nbytes, dtype=torch.uint8)
+        return pool[j][:nbytes]
 
-def _remove_dirs(created: list[Path]) -> None:
-    for p in reversed(created):
-        with contextlib.suppress(OSError):
-            p.rmdir()
+    def cast(j: int, t: torch.Tensor) -> torch.Tensor:
+        if t.dtype == step.dtype:
+            return t
+        out = buffer(out_buffers, j, t.numel() * step.dtype.itemsize).view(step.dtype).view(t.shape)
+        return out.copy_(t)  # into a reused buffer: no fresh pages to fault in
 
-
-def publish(tmp: Path, out_dir: Path, last: tuple[str, ...] = (), remove: Iterable[str] = ()) -> None:
-    """Move the complete outputs from ``tmp`` into ``out_dir`` (one rename if it does not exist yet).
-
-    Into an existing dir each file is renamed separately, the files named in ``last`` at the end
-    (their presence marks a complete dir); stale files named in ``remove`` are deleted before them.
-    """
-    fsync_tree(tmp)  # contents on disk before any name is published
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        fsync_tree(out_dir.parent, recursive=False)
-        return
-    names = sorted(p.name for p in tmp.iterdir())
-    for name in names:
-        if name not in last:
-            os.replace(tmp / name, out_dir / name)
-    for stale in remove:
-        if stale not in names:
-            (out_dir / stale).unlink(missing_ok=True)
-    for name in last:
-        if name in names:
-            os.replace(tmp / name, out_dir / name)
-    fsync_tree(out_dir, recursive=False)
+    for step in steps:
+        ranges = _byte_ranges(step, source)
+        if ranges is not None:
+            yield list(ranges)
+            continue
+        if list(cache) != step.sources:
+            cache = {n: source.read(n, buffer(in_buffers, j, source.infos[n].nbytes)
+                                    if source.kind == "safetensors" else None)
+                     for j, n in enumerate(step.sources)}
+        tensors = [cache[n] for n in step.sources]
+        if step.fn is not unchanged and _concatenates(step.fn) and all(t.dim() >= 1 for t in tensors):
+            chunks = [cast(j, t) for j, t in enumerate(tensors)]  # cat along dim 0 = the parts' bytes in order
+        else:
+            chunks = [cast(0, step.fn(*tensors))]
+        if sum(c.numel() for c in chunks) != math.prod(step.shape):  # cannot happen: shapes come from the plan
+            raise RuntimeError(f"{step.name}: built {sum(c.numel() for c in chunks)} elements, planned {step.shape}")
+        yield chunks
+        del chunks, tensors
 
 
 # ================================================================== HF -> litmodel
@@ -654,8 +348,6 @@ def shard_steps(steps: list[Step], max_bytes: int) -> list[list[Step]]:
 def convert_lit_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str | torch.dtype | None = None,
                            max_shard_size: int | str = "5GB", verbose: bool = False) -> Path:
     """Export a litmodel checkpoint dir as a Hugging Face model dir transformers can load."""
-    from litmodel.checkpoint import check_checkpoint_dir
-
     lit_dir = check_checkpoint_dir(checkpoint_dir)
     out_dir = Path(out_dir)
     if out_dir.resolve() == lit_dir.resolve():
@@ -693,143 +385,3 @@ def convert_lit_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtyp
     if verbose:
         print(f"exported {lit_dir} -> {out_dir} ({len(steps)} tensors in {len(shards)} file(s))")
     return out_dir
-
-
-# ================================================================== Hub downloads
-def resolve_repo_id(repo_id: str) -> str:
-    """`org/name` as given, or the Hub id of a registry short name (e.g. `pythia-70m`)."""
-    if "/" not in repo_id:
-        if repo_id in name_to_config:
-            return name_to_config[repo_id]["hf_repo_id"]
-        Config.from_name(repo_id)  # raises with the closest names
-    return repo_id
-
-
-def registry_table() -> str:
-    from litmodel.config import configs
-
-    width = max(len(c["name"]) for c in configs)
-    return "\n".join(f"{c['name']:<{width}}  {c['hf_repo_id']}" for c in configs)
-
-
-def weight_patterns(files: Iterable[str]) -> list[str]:
-    """Which weight files to fetch: safetensors when the repo has them, else the .bin files."""
-    files = [f for f in files if "/" not in f]
-    if any(re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", f) for f in files):
-        return ["model*.safetensors", SAFE_INDEX]
-    if any(re.fullmatch(r"pytorch_model(-\d+-of-\d+)?\.bin", f) for f in files):
-        return ["pytorch_model*.bin", BIN_INDEX]
-    return ["model*.safetensors", SAFE_INDEX]  # let the conversion report the missing weights
-
-
-def _connection_errors() -> tuple[type[BaseException], ...]:
-    from huggingface_hub.errors import OfflineModeIsEnabled
-
-    errors: list[type[BaseException]] = [OfflineModeIsEnabled, ConnectionError, TimeoutError]
-    for module in ("httpx2", "httpx", "requests"):
-        try:
-            mod = __import__(module)
-        except ImportError:
-            continue
-        for attr in ("TransportError", "ConnectionError", "Timeout", "TimeoutException"):
-            cls = getattr(mod, attr, None)
-            if isinstance(cls, type) and issubclass(cls, BaseException):
-                errors.append(cls)
-    return tuple(errors)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
-
-
-@contextlib.contextmanager
-def hub_errors(repo_id: str, token: str | None) -> Iterator[None]:
-    """Turn huggingface_hub's errors into one-line LitModelErrors that say what to do."""
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, IncompleteSnapshotError,
-                                        LocalEntryNotFoundError, RepositoryNotFoundError)
-
-    fix = ("connect to the network, or set HF_HUB_OFFLINE=1 with a filled Hub cache (HF_HOME / HF_HUB_CACHE), or "
-           "convert a local HF dir with `python scripts/convert_hf_checkpoint.py --checkpoint_dir <dir>`")
-    page = f"https://huggingface.co/{repo_id}"
-    try:
-        yield
-    except (GatedRepoError, RepositoryNotFoundError) as err:
-        what = "is gated" if isinstance(err, GatedRepoError) else "was not found, or is gated or private"
-        hint = "your token has no access: " if token else ""
-        raise LitModelError(f"{repo_id} {what} on the Hugging Face Hub; {hint}accept the license on the Hub page "
-                            f"({page}) and pass --access_token or set HF_TOKEN (check the name with "
-                            "`--repo_id list`)") from None
-    except HFValidationError as err:
-        raise LitModelError(f"invalid repo id {repo_id!r} ({_first_line(err)}); use <org>/<name>, e.g. "
-                            "EleutherAI/pythia-70m, or a name from `--repo_id list`") from None
-    except LocalEntryNotFoundError as err:
-        cause = err.__cause__ or err.__context__
-        if isinstance(err, IncompleteSnapshotError):
-            what = "the Hub is unreachable and its cached snapshot is incomplete"
-        elif constants.is_offline_mode():
-            what = f"HF_HUB_OFFLINE=1 is set and it is not in the local Hub cache ({constants.HF_HUB_CACHE})"
-        else:
-            reason = f" ({_first_line(cause)})" if cause is not None else ""
-            what = f"the Hugging Face Hub is unreachable{reason} and it is not in the local Hub cache"
-        raise LitModelError(f"cannot get {repo_id}: {what}; {fix}") from None
-    except HfHubHTTPError as err:
-        status = getattr(getattr(err, "response", None), "status_code", None)
-        if status in (401, 403):
-            raise LitModelError(f"the Hub refused access to {repo_id} (HTTP {status}); accept the license on the Hub "
-                                f"page ({page}) and pass --access_token or set HF_TOKEN") from None
-        raise LitModelError(f"the Hugging Face Hub failed for {repo_id} ({_first_line(err)}); try again later, or "
-                            "set HF_HUB_OFFLINE=1 to use the local cache") from None
-    except _connection_errors() as err:
-        raise LitModelError(f"cannot get {repo_id}: the Hugging Face Hub is unreachable ({_first_line(err)}); "
-                            f"{fix}") from None
-
-
-def list_repo_files(repo_id: str, token: str | None) -> list[str]:
-    """The repo's file list: from the Hub, else from the cache (its tree listing or snapshot folder)."""
-    from huggingface_hub import HfApi, constants, get_cached_repo_tree, snapshot_download
-    from huggingface_hub.errors import CachedRepoTreeNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
-
-    api_error: BaseException | None = None
-    if not constants.is_offline_mode():
-        try:  # one request, no retries (list_repo_tree retries a dead connection for ~30 s)
-            return [s.rfilename for s in HfApi(token=token).model_info(repo_id).siblings or []]
-        except (HfHubHTTPError, *_connection_errors()) as err:
-            api_error = err
-    try:
-        return [f.path for f in get_cached_repo_tree(repo_id)]
-    except CachedRepoTreeNotFoundError:
-        pass
-    try:
-        folder = Path(snapshot_download(repo_id, local_files_only=True))
-    except LocalEntryNotFoundError as err:
-        if isinstance(api_error, HfHubHTTPError):
-            raise api_error from None
-        raise err from api_error
-    return [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
-
-
-def download(repo_id: str, checkpoint_root: str | Path = "checkpoints", access_token: str | None = None,
-             tokenizer_only: bool = False, dtype: str | None = None) -> Path:
-    """Fetch the config, tokenizer and (safetensors-preferred) weights, convert to checkpoints/<org>/<name>."""
-    from huggingface_hub import snapshot_download
-
-    repo_id = resolve_repo_id(repo_id)
-    token = access_token or os.environ.get("HF_TOKEN") or None
-    parse_dtype(dtype)  # fail on a bad --dtype before downloading gigabytes
-    out_dir = Path(checkpoint_root) / repo_id
-    with hub_errors(repo_id, token):
-        patterns = [HF_CONFIG, *tokenizer_file_names()]
-        if not tokenizer_only:
-            patterns += weight_patterns(list_repo_files(repo_id, token))
-        snapshot = Path(snapshot_download(repo_id, allow_patterns=patterns, token=token))
-    if tokenizer_only:
-        if not any((snapshot / n).is_file() for n in tokenizer_file_names()):
-            raise LitModelError(f"{repo_id} has no tokenizer files ({', '.join(tokenizer_file_names())})")
-        with staging_dir(out_dir) as tmp:
-            copy_tokenizer_files(snapshot, tmp)
-            publish(tmp, out_dir)
-        print(f"tokenizer of {repo_id} -> {out_dir}")
-        return out_dir
-    return convert_hf_checkpoint(snapshot, out_dir, dtype=dtype, name=repo_id, verbose=True)

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import torch
 
-from litmodel.utils import atomic_file
+from litmodel.atomic import atomic_file
 
 __all__ = ["Logger", "CSVLogger", "TensorBoardLogger"]
 

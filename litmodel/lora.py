@@ -44,7 +44,8 @@ import torch.nn.functional as F
 import yaml
 
 from litmodel.nf4 import NF4Linear, dequantize_nf4, is_nf4, nf4_linear
-from litmodel.utils import LitModelError, atomic_file
+from litmodel.atomic import atomic_file
+from litmodel.utils import LitModelError
 
 LORA_WEIGHTS_FILE = "lora.safetensors"
 LORA_CONFIG_FILE = "lora_config.yaml"
@@ -462,7 +463,7 @@ def load_lora(model: nn.Module, path_dir: str | os.PathLike) -> nn.Module:
     Tensors are cast to the LoRA parameters' dtype and device. Raises a one-line `LitModelError`
     naming the tensor when one is missing, unexpected, or has a shape that does not fit the model.
     """
-    from litmodel.checkpoint import mmap_safetensors
+    from litmodel.safetensors_io import mmap_safetensors
 
     d = Path(path_dir)
     weights = d / LORA_WEIGHTS_FILE

@@ -1,6 +1,7 @@
 """NF4 (4-bit NormalFloat, QLoRA) frozen base weights, quantized while the checkpoint is read.
 
 ```python
+from litmodel import build_meta_model
 from litmodel.nf4 import load_model_nf4
 model = load_model_nf4(checkpoint_dir, device="cpu", dtype=torch.float32)  # blocks' linear weights in NF4
 apply_lora(model, ...)          # LoRALinear keeps the NF4Tensor as its frozen `weight`
@@ -43,8 +44,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from litmodel.checkpoint import MODEL_FILE, check_checkpoint_dir, load_config, model_state_for_saving
-from litmodel.utils import LitModelError, skip_weight_init
+from litmodel import build_meta_model
+from litmodel.checkpoint import MODEL_FILE, check_checkpoint_dir, check_tensor_shapes, load_config
+from litmodel.utils import LitModelError
 
 BLOCK_SIZE = 64  # weights per absmax scale (QLoRA)
 SCALER_BLOCK_SIZE = 256  # absmax scales per int8 double-quantization block (at most)
@@ -191,28 +193,16 @@ def load_model_nf4(checkpoint_dir: str | Path, device: str | torch.device = "cpu
     memory is the NF4 model plus about the largest tensor. ``shards``: the number of FSDP ranks the
     weights will be split over (the NF4 blocks must not straddle shards). Every parameter is frozen.
     """
-    from litmodel import build_model
-    from litmodel.hf import TensorSource
+    from litmodel.safetensors_io import TensorSource
 
     d = check_checkpoint_dir(checkpoint_dir)
     config = load_config(d)
     device = torch.device(device)
-    with torch.device("meta"), skip_weight_init():
-        model = build_model(config)
+    model = build_meta_model(config)
     quantized = set(nf4_linear_names(model))
-    expected = model_state_for_saving(model)
     source = TensorSource.from_safetensors_files([d / MODEL_FILE], str(d / MODEL_FILE))
     infos = source.infos
-    for name, info in infos.items():
-        if name not in expected:
-            raise LitModelError(f"{d / MODEL_FILE}: unexpected tensor {name!r}; the file does not belong to this "
-                                "model config")
-        if tuple(info.shape) != tuple(expected[name].shape):
-            raise LitModelError(f"{d / MODEL_FILE}: tensor {name!r} has shape {tuple(info.shape)} but the config "
-                                f"needs {tuple(expected[name].shape)}; the weights do not match model_config.yaml")
-    missing = [n for n in expected if n not in infos]
-    if missing:
-        raise LitModelError(f"{d / MODEL_FILE}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+    check_tensor_shapes(model, {name: info.shape for name, info in infos.items()}, str(d / MODEL_FILE))
     buffer = torch.empty(max((i.nbytes for i in infos.values()), default=0), dtype=torch.uint8)
     try:
         for name, info in infos.items():

@@ -33,11 +33,13 @@ from typing import Callable
 
 import torch
 
-from litmodel.checkpoint import load_config, mmap_safetensors
+from litmodel.checkpoint import load_config
 from litmodel.config import Config
-from litmodel.convert import _transpose, lit_to_hf_plan
+from litmodel.hf_names import lit_to_hf_plan, transpose_conv1d
 from litmodel.lora import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, LoRAConfig
-from litmodel.utils import LitModelError, atomic_dir
+from litmodel.atomic import atomic_dir
+from litmodel.safetensors_io import mmap_safetensors
+from litmodel.utils import LitModelError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_BIN = "adapter_model.bin"
@@ -91,7 +93,7 @@ def targets_of(config: Config) -> dict[str, Target]:
             hf = sources.get(lit)
             if not hf:  # a layer this family does not have under this name (e.g. MoE experts): not exported
                 continue
-            fn = hf[0][1] if len(hf) == 1 and hf[0][1] is not _transpose else _identity
+            fn = hf[0][1] if len(hf) == 1 and hf[0][1] is not transpose_conv1d else _identity
             in_features = config.n_head * config.head_size if leaf == "attn.proj" else \
                 config.intermediate_size if leaf == "mlp.proj" else config.n_embd
             out[lit] = Target(lit, kinds[leaf], segments, [h for h, _ in hf], in_features, fn)

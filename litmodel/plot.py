@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from litmodel.loggers import CSVLogger
-from litmodel.utils import atomic_file
+from litmodel.atomic import atomic_file
 
 
 def read_losses(metrics_csv: str | os.PathLike) -> dict[str, list[tuple[float, float]]]:

@@ -21,8 +21,9 @@ from litmodel.fabric import Fabric
 from litmodel.loggers import CSVLogger, TensorBoardLogger
 from litmodel.plot import write_loss_plot
 from litmodel.flops import train_flops_per_token
+from litmodel.precision import resolve_precision
 from litmodel.training import (EvalArgs, TrainArgs, accumulation_steps, build_optimizer, fit, language_model_loss,
-                               resolve_precision, resolve_resume, save_final_checkpoint)
+                               resolve_resume, save_final_checkpoint)
 from litmodel.utils import LitModelError
 
 
@@ -92,7 +93,8 @@ def main(fabric: Fabric, model_name: str | None, model_config: Config | None, ou
                  f"parameters, block_size {block_size}, vocab {config.padded_vocab_size}")
     model = fabric.setup(model)
     if initial_checkpoint_dir is not None and resume_from is None:
-        from litmodel.checkpoint import MODEL_FILE, mmap_safetensors
+        from litmodel.checkpoint import MODEL_FILE
+        from litmodel.safetensors_io import mmap_safetensors
 
         weights = mmap_safetensors(Path(initial_checkpoint_dir) / MODEL_FILE)
         if config.tie_embeddings:
@@ -146,7 +148,7 @@ def prepare_data(fabric: Fabric, data: DataArgs) -> Path:
         from litmodel.data import ensure_prepared, stdlib_corpus
 
         if not ((tokenizer_dir / "tokenizer.json").is_file() or (tokenizer_dir / "tokenizer.model").is_file()):
-            from litmodel.tokenizer import train_tokenizer
+            from litmodel.tokenizer_training import train_tokenizer
 
             fabric.print(f"training a {data.vocab_size}-token BPE tokenizer on the Python standard library -> "
                          f"{tokenizer_dir}")

@@ -21,6 +21,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from litmodel.precision import native_half_matmul
+
+# the values of --quantize: weight-only formats for inference (generate/, serving, evaluation) and for the frozen
+# base of QLoRA finetuning (litgpt's "bnb.nf4" accepted as an alias), each -> the mode it selects
+INFERENCE_QUANTIZE_MODES = {"int8": "int8", "int4": "int4"}
+TRAINING_QUANTIZE_MODES = {"nf4": "nf4", "bnb.nf4": "nf4"}
+
 
 def _is_compiling() -> bool:
     try:
@@ -73,23 +80,12 @@ class DecodeLinear(nn.Linear):
                 out = out + self.bias.float()
             return out.to(x.dtype)
         if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" and not _is_compiling() \
-                and not _few_rows(x) and not _native_half_matmul(x.dtype):
+                and not _few_rows(x) and not native_half_matmul(x.dtype):
             # CPUs without bf16/fp16 instructions (AVX2) run half-precision GEMMs ~5x slower than fp32:
             # multiply the (exactly) upcast values in float32 and round the result once, as F.linear does
             bias = self.bias.float() if self.bias is not None else None
             return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
-
-
-@functools.lru_cache(maxsize=None)
-def _native_half_matmul(dtype: torch.dtype) -> bool:
-    """Whether oneDNN has native bf16 / fp16 matmul kernels on this CPU (AVX512-BF16, AMX, AVX512-FP16)."""
-    try:
-        if dtype == torch.bfloat16:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    except (AttributeError, RuntimeError):
-        return True
 
 
 def swap_modules(model: nn.Module, fn) -> None:

@@ -1,8 +1,8 @@
 """The OpenAI-compatible HTTP API (FastAPI) over a continuous-batching engine (`litmodel.batching`).
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``.
-Each HTTP request becomes one `litmodel.batching.Request`; the engine runs in its own thread and hands
-its outputs to the request's asyncio queue, so the event loop only parses JSON and writes bytes.
+Each HTTP request becomes one `litmodel.generation_request.Request`; the engine runs in its own thread and
+hands its outputs to the request's asyncio queue, so the event loop only parses JSON and writes bytes.
 Errors have OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: 400 for invalid requests,
 401 for a missing or wrong API key, 429 when every slot is busy and the waiting queue is full.
 `generate/serve.py` builds the engine and runs this app with uvicorn.
@@ -15,6 +15,7 @@ import hmac
 import json
 import time
 import uuid
+from contextlib import asynccontextmanager
 from typing import Any, Optional, Union
 
 from litmodel.utils import LitModelError
@@ -28,7 +29,8 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     raise LitModelError(f'serving needs FastAPI and uvicorn ({err.name} is missing): pip install -e ".[serve]"'
                         ) from None
 
-from litmodel.batching import EngineThread, Output, QueueFull, Request, SamplingParams
+from litmodel.batching import EngineThread, QueueFull
+from litmodel.generation_request import Output, Request, SamplingParams
 
 # OpenAI fields litmodel does not implement: refused (400) rather than silently ignored when set
 UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "suffix", "tools", "functions", "logit_bias")
@@ -127,8 +129,6 @@ def create_app(runner: EngineThread, tokenizer, model_name: str, api_key: str | 
                shutdown_timeout: float = 30.0) -> FastAPI:
     """The FastAPI app serving ``runner``'s engine under the name ``model_name``. The app starts the engine
     thread on startup and stops it on shutdown (in-flight requests get ``shutdown_timeout`` seconds)."""
-    from contextlib import asynccontextmanager
-
     engine = runner.engine
     created = int(time.time())
 

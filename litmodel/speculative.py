@@ -20,7 +20,8 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from litmodel.generate import _ensure_kv_cache, _model_device, sampling_probs
+from litmodel.generate import ensure_kv_cache, model_device
+from litmodel.sampling import sampling_probs
 from litmodel.utils import LitModelError
 
 
@@ -92,7 +93,7 @@ def speculative_generate(target: nn.Module, draft: nn.Module, prompt_ids: Sequen
     if max_new_tokens <= 0:
         return
     stats = stats if stats is not None else SpeculativeStats()
-    device = _model_device(target)
+    device = model_device(target)
     greedy = temperature <= 0
     stop = set(int(t) for t in stop_tokens)
     seq = [int(t) for t in prompt_ids]
@@ -100,7 +101,7 @@ def speculative_generate(target: nn.Module, draft: nn.Module, prompt_ids: Sequen
         raise LitModelError("the prompt needs at least one token")
     S = len(seq) + max_new_tokens + k + 1  # a round may write k + 1 slots past the last accepted token
     for m in (target, draft):
-        _ensure_kv_cache(m, 1, S)
+        ensure_kv_cache(m, 1, S)
     t_valid = d_valid = 0  # how many tokens of `seq` each model's cache holds
     produced = 0
 

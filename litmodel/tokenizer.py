@@ -1,50 +1,45 @@
-"""One ``Tokenizer`` over a checkpoint's tokenizer files, plus chat templates and tokenizer training.
+"""One ``Tokenizer`` over a checkpoint's tokenizer files: load, encode, decode (also streaming), chat templates.
 
 Reads ``tokenizer.json`` (HF ``tokenizers``) or ``tokenizer.model`` (``sentencepiece``; ``tokenizer.json`` wins when
 both exist, as in transformers' fast tokenizer), and the special tokens / defaults from ``tokenizer_config.json``,
 ``special_tokens_map.json`` and ``generation_config.json``. Encoding, decoding and chat-template rendering give the
 same results as ``transformers.AutoTokenizer`` on the same directory (see ``tests/test_tokenizer.py``).
+This module also owns the list of tokenizer files (``TOKENIZER_FILES``), ``copy_tokenizer_files`` and
+``load_tokenizer``. Chat templates: ``litmodel.chat_template``; the SentencePiece backend:
+``litmodel.tokenizer_sentencepiece``; training a tokenizer: ``litmodel.tokenizer_training``.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import re
 import shutil
-import sys
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
-from litmodel.utils import LitModelError, atomic_dir
+from tokenizers import Tokenizer as HFTokenizer
 
+
+from litmodel.chat_template import (
+    END_OF_TURN_TOKENS,
+    FALLBACK_CHAT_TEMPLATE,
+    read_chat_template,
+    render_chat_template,
+)
+from litmodel.tokenizer_sentencepiece import SentencePieceModel, token_str
+from litmodel.utils import LitModelError
+
+# The files that hold the tokenizer itself (vocabulary, merges); `Tokenizer` reads the first one present.
+TOKENIZER_MODEL_FILES = ("tokenizer.json", "tokenizer.model")
+# Everything a checkpoint dir carries for its tokenizer: what conversion, download and finetuning copy.
 TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
+    *TOKENIZER_MODEL_FILES,
     "tokenizer_config.json",
     "special_tokens_map.json",
     "generation_config.json",
     "chat_template.jinja",
     "vocab.json",
     "merges.txt",
-)
-
-# Used when a checkpoint has no chat template of its own: "<role>: <content>\n" per turn, then "assistant: ".
-FALLBACK_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] + ': ' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] }}{% endfor %}{% endif %}"
-    "{{ '\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
-)
-
-# Tokens that end an assistant turn in common chat formats (added to `end_of_turn_ids` when in the vocabulary).
-END_OF_TURN_TOKENS = (
-    "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
-    "</s>",
 )
 
 # Special-token attributes transformers passes to chat templates (its `special_tokens_map`).
@@ -62,13 +57,6 @@ def _read_json(path: Path) -> dict:
     except (OSError, ValueError) as err:
         raise LitModelError(f"could not read {path} ({err}); re-download or recreate the tokenizer files") from None
     return data if isinstance(data, dict) else {}
-
-
-def _token_str(value: Any) -> str | None:
-    """``bos_token``-style config values are strings or AddedToken dicts ``{"content": ...}``."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
 
 
 def _as_id_list(value: Any) -> list[int]:
@@ -100,7 +88,7 @@ class Tokenizer:
             )
         self.checkpoint_dir = path
         if model_file is None:
-            for name in ("tokenizer.json", "tokenizer.model"):
+            for name in TOKENIZER_MODEL_FILES:
                 if (path / name).is_file():
                     model_file = path / name
                     break
@@ -127,7 +115,7 @@ class Tokenizer:
         # `special_tokens` (the named token strings of the config files) are the chat templates' variables.
         self.special_tokens: dict[str, str] = {}
         for name in _NAMED_SPECIAL_TOKENS:
-            value = _token_str(config.get(name)) if name in config else _token_str(special_map.get(name))
+            value = token_str(config.get(name)) if name in config else token_str(special_map.get(name))
             if value is not None:
                 self.special_tokens[name] = value
 
@@ -164,19 +152,10 @@ class Tokenizer:
             if idx is not None and idx in self._special_ids:
                 self.end_of_turn_ids.add(idx)
 
-        # --- chat template: chat_template.jinja > tokenizer_config.json "chat_template" (str or list of named ones)
-        template = config.get("chat_template")
-        if isinstance(template, list):
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default") or next(iter(named.values()), None)
-        if (path / "chat_template.jinja").is_file():
-            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
-        self.chat_template: str | None = template if isinstance(template, str) and template.strip() else None
+        self.chat_template: str | None = read_chat_template(path, config)
 
     # ------------------------------------------------------------------ loading
     def _load_tokenizers(self, model_file: Path) -> None:
-        from tokenizers import Tokenizer as HFTokenizer
-
         try:
             self._tk = HFTokenizer.from_file(str(model_file))
         except Exception as err:  # tokenizers raises a plain Exception on bad files
@@ -196,59 +175,12 @@ class Tokenizer:
         self.vocab_size = self._tk.get_vocab_size(with_added_tokens=True)
 
     def _load_sentencepiece(self, model_file: Path, config: dict) -> None:
-        import sentencepiece as spm
-
-        try:
-            sp = spm.SentencePieceProcessor(model_file=str(model_file))
-        except Exception as err:
-            msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise LitModelError(f"could not load {model_file} ({msg}); re-download the tokenizer files") from None
-        self._sp = sp
+        self._sp = SentencePieceModel(model_file, config)
         self._tk = None
         self._hold_ids = frozenset()
-        n = sp.get_piece_size()
-        self._pieces: list[str] = [sp.id_to_piece(i) for i in range(n)]
-        self._byte_of: dict[int, int] = {i: int(self._pieces[i][3:5], 16) for i in range(n) if sp.is_byte(i)}
-        self._special_ids = {i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)}
-        self._piece_to_id = {p: i for i, p in enumerate(self._pieces)}
-        # whole-token strings matched in the text before SentencePiece runs (as HF's added tokens are): control and
-        # unknown pieces and the config's added tokens (user-defined pieces SentencePiece matches itself)
-        self._added: dict[str, int] = {}
-        for i in range(n):
-            if sp.is_control(i) or sp.is_unknown(i):
-                self._added[self._pieces[i]] = i
-        for idx, tok in (config.get("added_tokens_decoder") or {}).items():
-            content = _token_str(tok)
-            if content is None:
-                continue
-            idx = int(idx)
-            self._added[content] = idx
-            if idx < n:
-                self._pieces[idx] = content
-            if not isinstance(tok, dict) or tok.get("special", True):
-                self._special_ids.add(idx)
-        # named extra special tokens (transformers 4: additional_special_tokens, 5: extra_special_tokens)
-        for key in ("additional_special_tokens", "extra_special_tokens"):
-            for tok in config.get(key) or []:
-                content = _token_str(tok)
-                idx = self._piece_to_id.get(content) if content is not None else None
-                if idx is not None:
-                    self._added.setdefault(content, idx)
-                    self._special_ids.add(idx)
-        self._id_to_added = {i: t for t, i in self._added.items()}
-        self._split_re = (
-            re.compile("|".join(re.escape(t) for t in sorted(self._added, key=len, reverse=True) if t))
-            if self._added else None
-        )
-        self.vocab_size = max([n - 1, *self._added.values()]) + 1
-        probe = sp.encode("a", out_type=str)  # SentencePiece's add_dummy_prefix: "a" -> ["▁a"] or ["▁", "a"]
-        self._dummy_prefix = bool(probe) and probe[0].startswith("▁")
-        # "\n" is never inside a piece (SentencePiece trains on lines), the unk piece is what HF's slow tokenizer used
-        unk = sp.id_to_piece(sp.unk_id()) if sp.unk_id() >= 0 else "<unk>"
-        self._sentinels = [(t, sp.encode(t)) for t in ("\n", unk, "0")]
-        self._model_bos = sp.bos_id() if sp.bos_id() >= 0 else None
-        self._model_eos = sp.eos_id() if sp.eos_id() >= 0 else None
-        self._model_pad = sp.pad_id() if sp.pad_id() >= 0 else None
+        self._special_ids = self._sp.special_ids
+        self._model_bos, self._model_eos, self._model_pad = self._sp.bos_id, self._sp.eos_id, self._sp.pad_id
+        self.vocab_size = self._sp.vocab_size
 
     def _post_processor_specials(self) -> tuple[int | None, int | None]:
         """(id, id) of the special tokens the tokenizer.json post-processor puts before / after a single sequence."""
@@ -280,16 +212,12 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         if self._tk is not None:
             return self._tk.token_to_id(token)
-        if token in self._added:
-            return self._added[token]
-        return self._piece_to_id.get(token)
+        return self._sp.token_to_id(token)
 
     def id_to_token(self, idx: int) -> str | None:
         if self._tk is not None:
             return self._tk.id_to_token(int(idx))
-        if idx in self._id_to_added:
-            return self._id_to_added[idx]
-        return self._pieces[idx] if 0 <= idx < len(self._pieces) else None
+        return self._sp.id_to_token(idx)
 
     @property
     def bos_token(self) -> str | None:
@@ -318,7 +246,7 @@ class Tokenizer:
         if self._tk is not None:
             ids = self._tk.encode(text, add_special_tokens=False).ids
         else:
-            ids = self._sp_encode(text)
+            ids = self._sp.encode(text)
         return self._add_specials(ids, bos, eos)
 
     def encode_batch(self, texts: Sequence[str], bos: bool | None = None, eos: bool | None = False) -> list[list[int]]:
@@ -341,33 +269,6 @@ class Tokenizer:
             ids = [*ids, self.eos_id]
         return ids
 
-    def _sp_encode(self, text: str) -> list[int]:
-        if self._split_re is None:
-            return self._sp.encode(text)
-        ids: list[int] = []
-        pos = 0
-        for m in self._split_re.finditer(text):
-            if m.start() > pos:
-                ids += self._sp_encode_segment(text[pos:m.start()], at_start=pos == 0)
-            ids.append(self._added[m.group()])
-            pos = m.end()
-        if pos < len(text):
-            ids += self._sp_encode_segment(text[pos:], at_start=pos == 0)
-        return ids
-
-    def _sp_encode_segment(self, text: str, at_start: bool) -> list[int]:
-        # Like HF's Metaspace(prepend_scheme="first"): only text at the very start gets SentencePiece's dummy "▁"
-        # prefix, text after a special token does not. SentencePiece cannot switch the prefix off per call, so encode
-        # sentinel + text and drop the sentinel's pieces, checking they are unchanged (no piece crosses the boundary,
-        # so the rest is exactly the encoding of `text` alone).
-        if at_start or not self._dummy_prefix:
-            return self._sp.encode(text)
-        for sentinel, head in self._sentinels:
-            ids = self._sp.encode(sentinel + text)
-            if ids[: len(head)] == head:
-                return ids[len(head):]
-        return self._sp.encode(text)  # pragma: no cover - no usable sentinel; keeps the dummy prefix
-
     def decode(self, ids: Iterable[int] | int, skip_special_tokens: bool = False) -> str:
         """Text of ``ids`` (a list, tensor or single id); special tokens are kept unless ``skip_special_tokens``."""
         if hasattr(ids, "tolist"):
@@ -376,29 +277,7 @@ class Tokenizer:
             ids = [ids]
         if self._tk is not None:
             return self._tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
-        return self._sp_decode(ids, skip_special_tokens)
-
-    def _sp_decode(self, ids: Iterable[int], skip_special_tokens: bool) -> str:
-        # Same as HF's Llama decoder (Replace "▁"->" ", ByteFallback, Fuse, Strip one leading space), except that
-        # invalid UTF-8 byte runs become U+FFFD per maximal invalid subsequence (so decoding is splittable).
-        out = bytearray()
-        pieces, byte_of, added, special = self._pieces, self._byte_of, self._id_to_added, self._special_ids
-        n = len(pieces)
-        for i in ids:
-            if i in special:
-                if skip_special_tokens:
-                    continue
-                out += (added.get(i) or pieces[i]).encode("utf-8")
-            elif i in byte_of:
-                out.append(byte_of[i])
-            elif i in added:
-                out += added[i].encode("utf-8")
-            elif 0 <= i < n:
-                out += pieces[i].replace("▁", " ").encode("utf-8")
-        text = out.decode("utf-8", errors="replace")
-        if self._dummy_prefix and text.startswith(" "):
-            text = text[1:]
-        return text
+        return self._sp.decode(ids, skip_special_tokens)
 
     def incremental_decoder(
         self, skip_special_tokens: bool = False, context_ids: Sequence[int] = ()
@@ -433,72 +312,11 @@ class Tokenizer:
             raise LitModelError("apply_chat_template got an empty conversation; pass at least one message")
         template = chat_template or self.chat_template
         fallback = template is None
-        if fallback:
-            template = FALLBACK_CHAT_TEMPLATE
-        messages = [{k: v for k, v in dict(m).items() if v is not None} for m in messages]
-        variables = {**self.special_tokens, **kwargs}
-        try:
-            text = _compile_chat_template(template).render(
-                messages=messages, tools=tools, documents=documents, add_generation_prompt=add_generation_prompt,
-                **variables,
-            )
-        except LitModelError:
-            raise
-        except Exception as err:
-            import jinja2
-
-            if isinstance(err, jinja2.TemplateError):
-                raise LitModelError(
-                    f"chat template error: {err}; fix the conversation or pass another chat_template"
-                ) from None
-            raise
+        text = render_chat_template(FALLBACK_CHAT_TEMPLATE if fallback else template, messages,
+                                    {**self.special_tokens, **kwargs}, add_generation_prompt, tools, documents)
         if not tokenize:
             return text
         return self.encode(text, bos=None if fallback else False, eos=False)
-
-
-@lru_cache(maxsize=16)
-def _compile_chat_template(template: str):
-    """Compile like transformers' ``chat_template_utils``: sandboxed, trim/lstrip blocks, loop controls,
-    a ``tojson`` that does not HTML-escape, ``raise_exception`` and ``strftime_now`` globals, and a no-op
-    ``{% generation %}`` block."""
-    import jinja2
-    from jinja2.ext import Extension
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class GenerationBlock(Extension):
-        # `{% generation %}...{% endgeneration %}` marks assistant text for transformers' assistant masks
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-        def _render(self, caller):
-            return caller()
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    def strftime_now(fmt):
-        return datetime.now().strftime(fmt)
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, "jinja2.ext.loopcontrols"]
-    )
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    try:
-        return env.from_string(template)
-    except jinja2.TemplateSyntaxError as err:
-        raise LitModelError(
-            f"the chat template does not compile ({err} at line {err.lineno}); fix chat_template"
-        ) from None
 
 
 class IncrementalDecoder:
@@ -567,288 +385,24 @@ def copy_tokenizer_files(src_dir: str | Path, dst_dir: str | Path) -> list[Path]
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             if src.resolve() != dst.resolve():
-                shutil.copy2(src / name, dst / name)
+                shutil.copy2(src / name, dst / name)  # follows links (the HF cache's snapshot files are links)
             copied.append(dst / name)
     return copied
 
 
-# ====================================================================== training
-# Pre-tokenization regex of Llama-3 / Qwen2 (digits in groups of up to 3, whitespace runs kept for indentation).
-BPE_SPLIT_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_BOS_NAMES = ("<s>", "<|begin_of_text|>", "<|startoftext|>", "<bos>", "<|bos|>")
-_EOS_NAMES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "<|eos|>")
-_PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]")
-DEFAULT_SPECIAL_TOKENS = {"bpe": ["<|endoftext|>"], "sentencepiece": ["<unk>", "<s>", "</s>", "<pad>"]}
+def load_tokenizer(directory: str | Path, fix: str | None = None) -> Tokenizer:
+    """``Tokenizer(directory)``, after checking that the directory holds a tokenizer (a one-line error naming the
+    directory and ``fix``, by default: copy the base model's tokenizer files or re-download)."""
+    directory = Path(directory)
+    if not any((directory / name).is_file() for name in TOKENIZER_MODEL_FILES):
+        raise missing_tokenizer_error(directory, fix)
+    return Tokenizer(directory)
 
 
-def find_text_files(paths: str | Path | Sequence[str | Path], glob: str = "**/*.txt") -> list[Path]:
-    """Files given directly plus the files matching ``glob`` under each given directory (sorted, deduplicated)."""
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_file():
-            files.append(p)
-        elif p.is_dir():
-            files += sorted(f for f in p.glob(glob) if f.is_file())
-        else:
-            raise LitModelError(f"{str(p)!r} does not exist; pass --data_dir with existing text files or directories")
-    seen, unique = set(), []
-    for f in files:
-        if f.resolve() not in seen:
-            seen.add(f.resolve())
-            unique.append(f)
-    return unique
-
-
-def _read_texts(files: Sequence[Path], max_bytes: int | None, show_progress: bool) -> list[str]:
-    """UTF-8 texts of ``files`` (undecodable files skipped), at most ``max_bytes`` bytes in total."""
-    texts, total, skipped = [], 0, 0
-    bar = None
-    if show_progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(files), desc="reading text", unit="file", file=sys.stderr, leave=False)
-    for f in files:
-        data = f.read_bytes()
-        full = max_bytes is not None and total + len(data) >= max_bytes
-        if full:
-            data = data[: max_bytes - total]
-            cut = data.rfind(b"\n")
-            data = data[: cut + 1] if cut >= 0 else data
-            text = data.decode("utf-8", errors="ignore")
-        else:
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError:
-                skipped += 1
-                text = ""
-        if text:
-            texts.append(text)
-            total += len(data)
-        if bar is not None:
-            bar.update(1)
-        if full:
-            break
-    if bar is not None:
-        bar.close()
-    if show_progress:
-        note = f", skipped {skipped} non-UTF-8 file(s)" if skipped else ""
-        print(f"read {total / 1e6:.2f} MB from {len(texts)} file(s){note}", file=sys.stderr)
-    if not texts:
-        raise LitModelError(
-            f"no UTF-8 text in the {len(files)} input file(s); pass --data_dir with non-empty UTF-8 text files"
-        )
-    return texts
-
-
-def _special_roles(special_tokens: Sequence[str], bos_token: str | None, eos_token: str | None,
-                   pad_token: str | None) -> tuple[str | None, str, str | None]:
-    def pick(names, explicit):
-        if explicit is not None:
-            return explicit
-        return next((t for t in special_tokens if t in names), None)
-
-    eos = pick(_EOS_NAMES, eos_token) or special_tokens[0]
-    bos = pick(_BOS_NAMES, bos_token) or eos
-    pad = pick(_PAD_NAMES, pad_token)
-    return bos, eos, pad
-
-
-def train_tokenizer(
-    files: str | Path | Sequence[str | Path],
-    out_dir: str | Path,
-    kind: str = "bpe",
-    vocab_size: int = 8192,
-    special_tokens: Sequence[str] | None = None,
-    *,
-    glob: str = "**/*.txt",
-    sp_model_type: str = "bpe",
-    min_frequency: int = 2,
-    max_bytes: int | None = None,
-    bos_token: str | None = None,
-    eos_token: str | None = None,
-    pad_token: str | None = None,
-    add_bos_token: bool | None = None,
-    overwrite: bool = False,
-    show_progress: bool = True,
-) -> Tokenizer:
-    """Train a tokenizer on text files and write a directory that ``Tokenizer`` (and ``transformers``) loads.
-
-    ``kind="bpe"``: byte-level BPE (``tokenizers``; Llama-3/Qwen2 pre-tokenizer regex, no normalization, so
-    ``decode(encode(x)) == x``), written as ``tokenizer.json``. ``kind="sentencepiece"``: SentencePiece ``bpe`` or
-    ``unigram`` (``sp_model_type``) with byte fallback, identity normalization and whitespace kept (Llama style),
-    written as ``tokenizer.model`` (bpe: Llama's "▁" dummy prefix, loaded by transformers' ``LlamaTokenizer``;
-    unigram: no dummy prefix, since transformers' generic SentencePiece converter has none). Both also get
-    ``tokenizer_config.json`` (bos/eos/pad tokens, ``add_bos_token``) and ``generation_config.json``.
-    ``special_tokens`` get the first ids; the bos/eos/pad roles are taken from the explicit arguments, else from
-    well-known names (``<s>``, ``</s>``, ``<|endoftext|>``, ``<pad>`` ...), else eos = bos = the first special token.
-    ``add_bos_token`` defaults to False for BPE and True for SentencePiece.
-    ``out_dir`` is written atomically; an existing non-empty ``out_dir`` needs ``overwrite=True``.
-    Returns the trained ``Tokenizer``.
-    """
-    if kind not in ("bpe", "sentencepiece"):
-        raise LitModelError(f"unknown tokenizer kind {kind!r}; choose 'bpe' or 'sentencepiece'")
-    if sp_model_type not in ("bpe", "unigram"):
-        raise LitModelError(f"unknown SentencePiece model type {sp_model_type!r}; choose 'bpe' or 'unigram'")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise LitModelError(f"--out_dir {str(out_dir)!r} is a file; choose a directory path")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise LitModelError(f"--out_dir {str(out_dir)!r} exists and is not empty; "
-                            "pass --overwrite true or choose another directory")
-    special_tokens = list(dict.fromkeys(special_tokens if special_tokens else DEFAULT_SPECIAL_TOKENS[kind]))
-    if any(not t for t in special_tokens):
-        raise LitModelError("--special_tokens contains an empty string; remove it")
-    bos, eos, pad = _special_roles(special_tokens, bos_token, eos_token, pad_token)
-    for tok in (bos, eos, pad):
-        if tok is not None and tok not in special_tokens:
-            special_tokens.append(tok)
-    if kind == "sentencepiece" and "<unk>" not in special_tokens:
-        special_tokens.insert(0, "<unk>")
-    n_special = len(special_tokens)
-    min_vocab = 256 + n_special + (1 if kind == "sentencepiece" else 0)
-    if vocab_size < min_vocab:
-        what = "256 byte tokens" + (" (byte fallback) plus at least one piece" if kind == "sentencepiece" else "")
-        raise LitModelError(f"--vocab_size {vocab_size} is too small: {kind} needs {what} + {n_special} special "
-                            f"tokens; use --vocab_size >= {min_vocab}")
-    if min_frequency < 1:
-        raise LitModelError(f"--min_frequency must be >= 1, got {min_frequency}")
-    if max_bytes is not None and max_bytes <= 0:
-        raise LitModelError(f"--max_bytes must be positive, got {max_bytes}")
-    paths = find_text_files(files, glob)
-    if not paths:
-        shown = ", ".join(map(str, [files] if isinstance(files, (str, Path)) else files))
-        raise LitModelError(f"no files matching {glob!r} in {shown}; pass --data_dir with text files or change --glob")
-    texts = _read_texts(paths, max_bytes, show_progress)
-    if add_bos_token is None:
-        add_bos_token = kind == "sentencepiece"
-
-    with atomic_dir(out_dir, overwrite=True) as tmp:
-        if kind == "bpe":
-            template_bos = bos if add_bos_token else None
-            tk = _train_bpe(texts, vocab_size, special_tokens, min_frequency, template_bos, show_progress)
-            tk.save(str(tmp / "tokenizer.json"))
-            trained = tk.get_vocab_size(with_added_tokens=True)
-            token_id = tk.token_to_id
-            tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast"}
-        else:
-            model = _train_sentencepiece(texts, vocab_size, special_tokens, bos, eos, pad, sp_model_type, show_progress)
-            (tmp / "tokenizer.model").write_bytes(model)
-            import sentencepiece as spm
-
-            sp = spm.SentencePieceProcessor(model_proto=model)
-            trained = sp.get_piece_size()
-            token_id = sp.piece_to_id
-            # transformers' LlamaTokenizer reproduces SentencePiece BPE exactly; unigram models (trained without a
-            # dummy prefix) load exactly through its generic SentencePiece converter
-            tokenizer_config = {"tokenizer_class": "LlamaTokenizer", "legacy": False} if sp_model_type == "bpe" else {}
-            tokenizer_config["unk_token"] = "<unk>"
-        tokenizer_config.update({
-            "bos_token": bos, "eos_token": eos, "pad_token": pad,
-            "add_bos_token": bool(add_bos_token), "add_eos_token": False,
-            "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000_000,
-        })
-        extra = [t for t in special_tokens if t not in ("<unk>", bos, eos, pad)]
-        if extra:
-            tokenizer_config["additional_special_tokens"] = extra
-        gen_config = {"bos_token_id": token_id(bos), "eos_token_id": token_id(eos)}
-        if pad is not None:
-            gen_config["pad_token_id"] = token_id(pad)
-        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n",
-                                                   encoding="utf-8")
-        (tmp / "generation_config.json").write_text(json.dumps(gen_config, indent=2) + "\n", encoding="utf-8")
-        Tokenizer(tmp)  # fail before publishing if the directory does not load
-    if trained < vocab_size:
-        print(f"warning: the trained vocabulary has {trained} tokens (< --vocab_size {vocab_size}): "
-              "the text has too few distinct merges; add text or lower --vocab_size", file=sys.stderr)
-    if show_progress:
-        print(f"wrote a {kind} tokenizer with {trained} tokens to {out_dir}", file=sys.stderr)
-    return Tokenizer(out_dir)
-
-
-def _train_bpe(texts: list[str], vocab_size: int, special_tokens: list[str], min_frequency: int,
-               bos_for_template: str | None, show_progress: bool):
-    from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
-    from tokenizers import Tokenizer as HFTokenizer
-
-    tk = HFTokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(BPE_SPLIT_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=special_tokens,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress,
-    )
-
-    def chunks() -> Iterator[str]:  # ~1 MB pieces cut at line ends, so the trainer sees newlines/indentation
-        for text in texts:
-            start = 0
-            while start < len(text):
-                end = text.find("\n", start + (1 << 20))
-                end = len(text) if end < 0 else end + 1
-                yield text[start:end]
-                start = end
-
-    tk.train_from_iterator(chunks(), trainer=trainer)
-    if bos_for_template is not None:
-        bos_id = tk.token_to_id(bos_for_template)
-        tk.post_processor = processors.TemplateProcessing(
-            single=f"{bos_for_template}:0 $A:0", pair=f"{bos_for_template}:0 $A:0 {bos_for_template}:1 $B:1",
-            special_tokens=[(bos_for_template, bos_id)],
-        )
-    else:
-        tk.post_processor = processors.ByteLevel(trim_offsets=False)
-    return tk
-
-
-def _train_sentencepiece(texts: list[str], vocab_size: int, special_tokens: list[str], bos: str, eos: str,
-                         pad: str | None, model_type: str, show_progress: bool) -> bytes:
-    import sentencepiece as spm
-
-    roles = {"<unk>": "unk"}
-    if bos != eos:
-        roles[bos] = "bos"
-    roles[eos] = "eos"
-    if pad is not None and pad not in roles:
-        roles[pad] = "pad"
-    ids = {"unk": -1, "bos": -1, "eos": -1, "pad": -1}
-    pieces = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
-    # the unk/bos/eos/pad tokens get the first ids (in the order given), the other special tokens follow as
-    # user-defined pieces (matched as whole tokens in text)
-    next_id = 0
-    for tok in special_tokens:
-        if tok in roles:
-            ids[roles[tok]] = next_id
-            pieces[roles[tok]] = tok
-            next_id += 1
-    user_defined = [t for t in special_tokens if t not in roles]
-
-    def sentences() -> Iterator[str]:
-        for text in texts:
-            for line in text.splitlines():
-                if line.strip():
-                    yield line
-
-    model = io.BytesIO()
-    if show_progress:
-        print(f"training a SentencePiece {model_type} model (vocab_size={vocab_size}) ...", file=sys.stderr)
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=sentences(), model_writer=model, vocab_size=vocab_size, model_type=model_type,
-            byte_fallback=True, character_coverage=0.9995, normalization_rule_name="identity",
-            remove_extra_whitespaces=False, add_dummy_prefix=model_type == "bpe", split_digits=True,
-            allow_whitespace_only_pieces=True, max_sentence_length=16384, shuffle_input_sentence=True,
-            unk_id=ids["unk"], bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"],
-            unk_piece=pieces["unk"], bos_piece=pieces["bos"], eos_piece=pieces["eos"], pad_piece=pieces["pad"],
-            user_defined_symbols=user_defined, minloglevel=2, num_threads=min(os.cpu_count() or 1, 16),
-        )
-    except RuntimeError as err:
-        msg = " ".join(str(err).split()).rstrip(".")
-        raise LitModelError(f"SentencePiece training failed: {msg}; adjust --vocab_size or add more text") from None
-    return model.getvalue()
+def missing_tokenizer_error(directory: Path, fix: str | None = None) -> LitModelError:
+    """The error for a directory without ``tokenizer.json``/``tokenizer.model``, ending in ``fix``."""
+    fix = fix or ("copy the tokenizer files of the base model into it or re-download with "
+                  "`python scripts/download.py`")
+    if not directory.exists():
+        return LitModelError(f"tokenizer dir {directory} does not exist; {fix}")
+    return LitModelError(f"{directory} has no tokenizer (tokenizer.json or tokenizer.model); {fix}")

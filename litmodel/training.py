@@ -239,20 +239,20 @@ def memory_mb(device: torch.device) -> float:
 
 
 # ---- resumable state on disk -------------------------------------------------------------------
-STEP_DIR = re.compile(r"^step-(\d{6,})(\.pt)?$")  # a file (one process) or a DCP dir (FSDP)
+STEP_STATE_NAME = re.compile(r"^step-(\d{6,})(\.pt)?$")  # a file (one process) or a DCP dir (FSDP)
 
 
-def step_dir(out_dir: Path, step: int, sharded: bool = False) -> Path:
+def step_state_path(out_dir: Path, step: int, sharded: bool = False) -> Path:
     """Where the resumable state of ``step`` lives: ``step-XXXXXX.pt`` (one file) or ``step-XXXXXX/`` (FSDP shards)."""
     return Path(out_dir) / (f"step-{step:06d}" if sharded else f"step-{step:06d}.pt")
 
 
-def latest_step_dir(out_dir: Path) -> Path | None:
-    """The newest complete ``step-XXXXXX`` entry under ``out_dir`` (temp names never match)."""
+def latest_step_state(out_dir: Path) -> Path | None:
+    """The newest complete ``step-XXXXXX.pt`` file or ``step-XXXXXX/`` dir in ``out_dir`` (temp names never match)."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return None
-    steps = sorted((int(m.group(1)), p) for p in out_dir.iterdir() if (m := STEP_DIR.match(p.name)))
+    steps = sorted((int(m.group(1)), p) for p in out_dir.iterdir() if (m := STEP_STATE_NAME.match(p.name)))
     return steps[-1][1] if steps else None
 
 
@@ -264,23 +264,23 @@ def resolve_resume(out_dir: Path, resume: str | bool | None) -> Path | None:
     """
     out_dir = Path(out_dir)
     if resume in (None, False, "", "none"):
-        if latest_step_dir(out_dir) is not None or (out_dir / "final").exists():
+        if latest_step_state(out_dir) is not None or (out_dir / "final").exists():
             raise LitModelError(f"{out_dir} already holds a run; pass --resume auto to continue it, "
                                 "or choose another --out_dir")
         return None
     if resume in ("auto", True):
-        return latest_step_dir(out_dir)
+        return latest_step_state(out_dir)
     path = Path(resume)
     if not path.exists():
         raise LitModelError(f"--resume {path} does not exist; pass a step-XXXXXX dir under the out_dir or 'auto'")
     return path
 
 
-def prune_step_dirs(out_dir: Path, keep: int) -> None:
-    """Keep the newest ``keep`` step dirs (the oldest are removed only after a newer one is complete)."""
+def prune_step_states(out_dir: Path, keep: int) -> None:
+    """Keep the newest ``keep`` step states, files or dirs (the oldest go only after a newer one is complete)."""
     import shutil
 
-    steps = sorted((int(m.group(1)), p) for p in Path(out_dir).iterdir() if (m := STEP_DIR.match(p.name)))
+    steps = sorted((int(m.group(1)), p) for p in Path(out_dir).iterdir() if (m := STEP_STATE_NAME.match(p.name)))
     for _, p in steps[:-keep] if keep > 0 else []:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
@@ -288,24 +288,6 @@ def prune_step_dirs(out_dir: Path, keep: int) -> None:
 def cycle(loader: Iterable) -> Iterator:
     while True:
         yield from loader
-
-
-def cpu_supports_fast_bf16() -> bool:
-    """True when oneDNN has native bfloat16 kernels here (AVX512-BF16/AMX); elsewhere bf16 matmuls
-    fall back to a reference path that is far slower than float32."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: str | None, accelerator: str) -> str:
-    """``auto``/None: bf16-mixed where the hardware runs bf16 fast, else 32-true."""
-    if precision not in (None, "auto"):
-        return precision
-    if accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available()):
-        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-    return "bf16-mixed" if cpu_supports_fast_bf16() else "32-true"
 
 
 def full_model_state(fabric, model: nn.Module) -> dict[str, torch.Tensor] | None:
@@ -464,9 +446,9 @@ def fit(fabric, model: nn.Module, optimizer: torch.optim.Optimizer, train_loader
         if (train.save_interval and step % train.save_interval == 0) or is_last:
             state["train_loader"] = train_loader.state_dict()
             state["rng"] = capture_rng_state()
-            (save_fn or fabric.save)(step_dir(out_dir, step, sharded), state)
+            (save_fn or fabric.save)(step_state_path(out_dir, step, sharded), state)
             if fabric.is_global_zero:
-                prune_step_dirs(out_dir, keep=2)
+                prune_step_states(out_dir, keep=2)
             fabric.barrier()
     summary = f"done: {state['step']} steps, {state['tokens']:,} tokens, {state['units']:,} {unit_name}"
     if "val_loss" in results:

@@ -1,118 +1,17 @@
-"""Small shared helpers: user-facing errors, atomic writes, the CLI wrapper."""
+"""Small shared helpers: user-facing errors, dtype names, nested-tensor mapping, the allocator tuning."""
 
 from __future__ import annotations
 
-import contextlib
+import ctypes
+import ctypes.util
 import os
-import shutil
-import sys
-import tempfile
-from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Any, Callable, Mapping
 
 import torch
-
-T = TypeVar("T")
 
 
 class LitModelError(Exception):
     """A user-facing error: the message names the problem and the fix, on one line."""
-
-
-def fsync_tree(path: str | os.PathLike, recursive: bool = True) -> None:
-    """Flush ``path`` to disk: a file, or a directory's entries (and, ``recursive``, every file and
-    directory below it). Call it before the rename that publishes a checkpoint, and on the parent
-    after it: without it a power loss can leave a complete-looking name holding empty files."""
-    path = Path(path)
-    if not path.is_dir():
-        _fsync(path)
-        return
-    if recursive:
-        for root, dirs, files in os.walk(path, topdown=False):
-            for name in files:
-                _fsync(Path(root) / name)
-            _fsync(Path(root))
-    else:
-        _fsync(path)
-
-
-def _fsync(path: Path) -> None:
-    if os.name == "nt" and path.is_dir():  # Windows cannot open a directory to flush it
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
-
-    A crash (or an exception) inside the block leaves any previous ``path`` untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        fsync_tree(tmp)  # the bytes reach the disk before the name does
-        os.replace(tmp, path)
-        fsync_tree(path.parent, recursive=False)  # and the rename itself
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary directory beside ``path``; it replaces ``path`` only if the block succeeds.
-
-    With an existing ``path`` the old directory is moved aside first and removed after the swap,
-    so at every moment either the old or the new complete directory exists under a known name.
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise LitModelError(f"{path} already exists; choose another output directory or remove it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        fsync_tree(tmp)
-        if path.exists():
-            old = path.parent / f".{path.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            fsync_tree(path.parent, recursive=False)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-            fsync_tree(path.parent, recursive=False)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def cli_main(fn: Callable[..., T]) -> Callable[..., T]:
-    """Wrap an entry point: tune the allocator, and print a ``LitModelError`` as one line on stderr
-    and exit with 1."""
-
-    def wrapper(*args, **kwargs):
-        tune_allocator()
-        try:
-            return fn(*args, **kwargs)
-        except LitModelError as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            sys.exit(130)
-
-    wrapper.__name__ = getattr(fn, "__name__", "main")
-    wrapper.__doc__ = fn.__doc__
-    return wrapper
 
 
 def num_parameters(module: torch.nn.Module, requires_grad: bool | None = None) -> int:
@@ -140,9 +39,6 @@ def tune_allocator() -> bool:
     reuse. Call it before the first large allocation. Returns False where it does not apply
     (not glibc, or LITMODEL_NO_TUNE_ALLOCATOR=1, or another allocator was preloaded).
     """
-    import ctypes
-    import ctypes.util
-
     if os.environ.get("LITMODEL_NO_TUNE_ALLOCATOR") == "1" or "malloc" in os.environ.get("LD_PRELOAD", ""):
         return False
     try:
@@ -159,22 +55,14 @@ def tune_allocator() -> bool:
     return bool(ok)
 
 
-@contextlib.contextmanager
-def skip_weight_init() -> Iterator[None]:
-    """Make `torch.nn.init` a no-op while building a model for its shapes only.
-
-    On the meta device, `nn.Embedding`'s `init.normal_` goes through torch._refs and imports
-    torch._dynamo: 2-4 s of start-up for nothing.
-    """
-    import torch.nn.init as init
-
-    names = [n for n in ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
-                         "kaiming_normal_", "xavier_uniform_", "xavier_normal_") if hasattr(init, n)]
-    saved = {n: getattr(init, n) for n in names}
-    try:
-        for n in names:
-            setattr(init, n, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for n, fn in saved.items():
-            setattr(init, n, fn)
+def apply_to_tensors(data: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``data`` with ``fn`` applied to every tensor in it (nested lists, tuples, named tuples and mappings)."""
+    if isinstance(data, torch.Tensor):
+        return fn(data)
+    if isinstance(data, tuple) and hasattr(data, "_fields"):
+        return type(data)(*(apply_to_tensors(d, fn) for d in data))
+    if isinstance(data, (list, tuple)):
+        return type(data)(apply_to_tensors(d, fn) for d in data)
+    if isinstance(data, Mapping):
+        return type(data)((k, apply_to_tensors(v, fn)) for k, v in data.items())
+    return data

@@ -6,14 +6,12 @@
 The recipe itself is litmodel/pretrain.py (shared with pretrain/llama.py): read it top to bottom.
 """
 
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # also runs from a checkout that was not pip-installed
+from litmodel.cli import cli_main
+from litmodel.pretrain import setup
 
-from litmodel.pretrain import setup  # noqa: E402
-from litmodel.utils import cli_main  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 if __name__ == "__main__":
     cli_main(setup)("gpt", ROOT / "configs" / "pretrain" / "default.yaml", description=__doc__)

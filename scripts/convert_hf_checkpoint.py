@@ -16,15 +16,13 @@ reads a PEFT LoRA adapter dir (adapter_config.json + adapter_model.safetensors) 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Literal, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also works from a checkout without install
-
+from litmodel.cli import cli_main
 from litmodel.hf import convert_hf_checkpoint
 from litmodel.peft_io import import_peft
-from litmodel.utils import LitModelError, cli_main
+from litmodel.utils import LitModelError
 
 
 def main(

@@ -14,15 +14,12 @@ adapter_config.json): `peft.PeftModel.from_pretrained(hf_base_model, "adapter")`
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also works from a checkout without install
-
+from litmodel.cli import cli_main
 from litmodel.hf import convert_lit_checkpoint
 from litmodel.peft_io import export_peft
-from litmodel.utils import cli_main
 
 
 def main(

@@ -11,13 +11,11 @@ license accepted on the Hub page and a token: --access_token or the HF_TOKEN env
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Literal, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also works from a checkout without install
-
-from litmodel.utils import cli_main
+from litmodel.hub import download, registry_table
+from litmodel.cli import cli_main
 
 
 def main(
@@ -36,8 +34,6 @@ def main(
         tokenizer_only: Only fetch the tokenizer files (no weights, no conversion).
         dtype: Cast floating-point weights to this dtype while converting (default: keep the checkpoint's).
     """
-    from litmodel.hf import download, registry_table
-
     if repo_id == "list":
         print(registry_table())
         return None

@@ -20,14 +20,16 @@ import sys
 from pathlib import Path
 from typing import Literal, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also works from a checkout without install
-
 import torch
 
 from litmodel.checkpoint import check_checkpoint_dir, load_model
-from litmodel.generate import PRECISIONS, load_tokenizer, resolve_device
+from litmodel.cli import cli_main, parse_function_args
+from litmodel.generation_setup import resolve_device
+from litmodel.precision import INFERENCE_DTYPES
 from litmodel.scoring import perplexity
-from litmodel.utils import LitModelError, atomic_file, cli_main
+from litmodel.tokenizer import load_tokenizer
+from litmodel.atomic import atomic_file
+from litmodel.utils import LitModelError
 
 
 def main(
@@ -93,7 +95,7 @@ def main(
     if batch_size is None:
         batch_size = 16 if dev.type == "cuda" else 4
     out_dir = Path(out_dir) if out_dir is not None else Path("out/evaluate") / checkpoint_dir.name
-    model = load_model(checkpoint_dir, device=dev, dtype=PRECISIONS[precision])
+    model = load_model(checkpoint_dir, device=dev, dtype=INFERENCE_DTYPES[precision])
     block_size = model.config.block_size
     if max_seq_length is not None and not 2 <= max_seq_length <= block_size:
         raise LitModelError(f"--max_seq_length must be between 2 and the model's block_size {block_size}, "
@@ -118,7 +120,7 @@ def main(
             tmp.write_text(json.dumps(report["perplexity"], indent=2) + "\n")
 
     if task_list:
-        from lm_eval.utils import handle_non_serializable, make_table
+        from lm_eval.utils import handle_non_serializable, make_table  # deferred: lm-eval, see above
 
         lm = evaluation.LitLM(model, tokenizer, batch_size=batch_size, max_length=max_seq_length,
                               seed=evaluation.DEFAULT_SEEDS[2] if seed is None else seed, name=str(checkpoint_dir))
@@ -144,8 +146,6 @@ def main(
 
 
 def setup(argv: Optional[list[str]] = None) -> dict:
-    from litmodel.cli import parse_function_args
-
     return main(**parse_function_args(main, argv, __doc__))
 
 

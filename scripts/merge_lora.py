@@ -12,13 +12,10 @@ files. By default the merged files go into --checkpoint_dir itself (replaced ato
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also works from a checkout without install
-
-from litmodel.utils import cli_main
+from litmodel.cli import cli_main
 
 
 def main(checkpoint_dir: Path, base_checkpoint_dir: Optional[Path] = None, out_dir: Optional[Path] = None) -> Path:

@@ -72,3 +72,22 @@ def tiny_chat_checkpoint(root: Path, text: str, chat_template: str, *, name: str
         if adjust is not None:
             adjust(model, tk)
     return save_checkpoint_dir(root / "ckpt", model, cfg, tokenizer_dir=root / "tok")
+
+
+# Runs several CLI invocations in one interpreter (each as `python <script> <args>` would: runpy with
+# run_name="__main__"), so a dozen cases cost one torch import. Argument: JSON {case: argv}; prints JSON
+# {case: [exit code, stdout, stderr]}. Used by test_convert.py and test_download.py.
+CLI_DRIVER = r"""
+import contextlib, io, json, runpy, sys
+results = {}
+for case, argv in json.loads(sys.argv[1]).items():
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    sys.argv = list(argv)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(argv[0], run_name="__main__")
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    results[case] = [code, out.getvalue(), err.getvalue()]
+print(json.dumps(results))
+"""

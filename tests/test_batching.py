@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from litmodel import Config, build_model
-from litmodel.batching import BatchEngine, QueueFull, Request, SamplingParams, TextStream
-from litmodel.generate import generate, generate_many  # generate_many: litmodel.batching's, re-exported
+from litmodel.batching import BatchEngine, QueueFull, generate_many
+from litmodel.generate import generate
+from litmodel.generation_request import Request, SamplingParams, TextStream
 from litmodel.utils import LitModelError
 
 
@@ -175,7 +176,7 @@ def test_a_failing_prefill_fails_only_its_request(capsys):
 @pytest.mark.slow
 def test_compiled_decode_step_batches_like_alone():
     """`--compile`: the engine's decode step compiled (one graph per batch bucket) gives the eager tokens."""
-    from litmodel.generate import make_decode_step
+    from litmodel.decode_step import make_decode_step
     from litmodel.quantize import optimize_for_decode
 
     model = optimize_for_decode(tiny("llama-gqa"))
@@ -190,7 +191,7 @@ def test_compiled_decode_step_batches_like_alone():
 def test_one_slot_is_bit_identical_to_generate(family):
     """With one slot the engine runs exactly `generate`'s math (its cache rows, masks and positions add
     nothing); with several, the logits differ only by the blocking of a batched matmul (~1e-6 here)."""
-    from litmodel.generate import make_decode_step
+    from litmodel.decode_step import make_decode_step
 
     model = tiny(family)
     prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12]]

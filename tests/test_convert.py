@@ -20,10 +20,11 @@ from safetensors.torch import load_file, save_file
 from litmodel import build_model
 from litmodel.checkpoint import load_model
 from litmodel.config import Config
-from litmodel.convert import IGNORED_HF_SUFFIXES
-from litmodel.hf import (Step, convert_hf_checkpoint, convert_lit_checkpoint, parse_size, run_steps,
-                         write_safetensors_stream, TensorSource)
+from litmodel.hf import convert_hf_checkpoint, convert_lit_checkpoint, parse_size, run_steps
+from litmodel.hf_names import IGNORED_HF_SUFFIXES
+from litmodel.safetensors_io import Step, TensorSource, write_safetensors_stream
 from litmodel.utils import LitModelError, num_parameters
+from tests.helpers import CLI_DRIVER
 
 transformers = pytest.importorskip("transformers")
 
@@ -380,24 +381,6 @@ def _bad_inputs(root: Path) -> dict[str, tuple[list[str], str, Path]]:
                                  str(out)], r"tensor 'wte.weight' has shape \(100, 64\) but model_config.yaml needs "
                                             r"\(100, 32\)", out)
     return cases
-
-
-# Runs several CLI invocations in one interpreter (each as `python <script> <args>` would: runpy with
-# run_name="__main__"), so a dozen cases cost one torch import; a few also run as separate processes.
-CLI_DRIVER = r"""
-import contextlib, io, json, runpy, sys
-results = {}
-for case, argv in json.loads(sys.argv[1]).items():
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    sys.argv = list(argv)
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            runpy.run_path(argv[0], run_name="__main__")
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-    results[case] = [code, out.getvalue(), err.getvalue()]
-print(json.dumps(results))
-"""
 
 
 def run_cli_cases(cases: dict[str, list[str]], separate: tuple[str, ...] = ()) -> dict[str, tuple[int, str, str]]:

@@ -487,7 +487,7 @@ def test_scripts_bad_input(tmp_path, tok_dir, big_tok_dir):
 
 
 def test_sentencepiece_tokenizer_from_train_tokenizer(tmp_path):
-    from litmodel.tokenizer import train_tokenizer
+    from litmodel.tokenizer_training import train_tokenizer
 
     docs = make_docs(30, seed=4)
     (tmp_path / "texts").mkdir()

@@ -21,8 +21,9 @@ import pytest
 import torch
 
 from litmodel.checkpoint import load_model
-from litmodel.config import configs
-from litmodel.hf import weight_patterns
+from litmodel.config_registry import configs
+from litmodel.hub import weight_patterns
+from tests.helpers import CLI_DRIVER
 
 transformers = pytest.importorskip("transformers")
 
@@ -85,29 +86,13 @@ def hf_files(model, tmp: Path, **save_kwargs) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in d.iterdir()}
 
 
-DRIVER = r"""
-import contextlib, io, json, runpy, sys
-results = {}
-for case, argv in json.loads(sys.argv[1]).items():
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    sys.argv = list(argv)
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            runpy.run_path(argv[0], run_name="__main__")
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-    results[case] = [code, out.getvalue(), err.getvalue()]
-print(json.dumps(results))
-"""
-
-
 def run_download_cases(env: dict, cases: dict[str, list[str]]) -> dict[str, tuple[int, str, str]]:
     """Run `python scripts/download.py <args>` for each case in one child process with ``env``."""
     argvs = {k: ["scripts/download.py", *v] for k, v in cases.items()}
     full_env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
                 "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_TOKEN": "", **env}
     full_env = {k: v for k, v in full_env.items() if v is not None}
-    p = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(argvs)], cwd=ROOT, env=full_env,
+    p = subprocess.run([sys.executable, "-c", CLI_DRIVER, json.dumps(argvs)], cwd=ROOT, env=full_env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     return {k: tuple(v) for k, v in json.loads(p.stdout.splitlines()[-1]).items()}

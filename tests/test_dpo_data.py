@@ -9,7 +9,8 @@ import torch
 
 from litmodel.data.preference import (PreferenceData, PreferenceDataset, collate_pairs, load_preference_records,
                                       truncate_pair)
-from litmodel.data.sft import IGNORE_INDEX, JSONData, alpaca_prompt
+from litmodel.data.prompts import alpaca_prompt
+from litmodel.data.sft import IGNORE_INDEX, JSONData
 from litmodel.tokenizer import Tokenizer
 from litmodel.utils import LitModelError
 

@@ -326,7 +326,7 @@ def _load_script():
 
 
 def call(argv: list[str], capsys) -> tuple[int, str, str]:
-    from litmodel.utils import cli_main
+    from litmodel.cli import cli_main
 
     code = 0
     try:
@@ -449,7 +449,7 @@ def test_harness_evaluator_keeps_the_training_rng_and_runs_on_rank_zero(env):
 def pretrain_data(tmp_path_factory) -> tuple[Path, Path]:
     """Token shards and a tokenizer made with the real data-prep code from English text."""
     from litmodel.data import corpus_from_documents, prepare_corpus
-    from litmodel.tokenizer import train_tokenizer
+    from litmodel.tokenizer_training import train_tokenizer
 
     root = tmp_path_factory.mktemp("pretrain_data")
     docs = [(f"doc{i}.txt", (TEXT[i * 40:i * 40 + 400] + "\n") * 2) for i in range(30)]

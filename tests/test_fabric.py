@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from litmodel.fabric import (CSVLogger, Fabric, FSDPStrategy, TensorBoardLogger, WorkerError, _first_slurm_host,
-                             capture_rng_state, consolidate_checkpoint, detect_cluster_env, load_full_model_state,
-                             restore_rng_state)
+from litmodel.fabric import (CSVLogger, Fabric, FSDPStrategy, TensorBoardLogger, capture_rng_state,
+                             consolidate_checkpoint, detect_cluster_env, load_full_model_state, restore_rng_state)
+from litmodel.fabric.environment import _first_slurm_host
 from litmodel.utils import LitModelError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -156,7 +156,7 @@ def _vm_kb(field: str) -> int:
 def fsdp_worker(fabric: Fabric, small: str, lora_ref: dict, big: str, out_dir: str) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from litmodel.checkpoint import mmap_safetensors
+    from litmodel.safetensors_io import mmap_safetensors
     from litmodel.fabric.sharded_load import local_box
     from litmodel.sharded_checkpoint import fill_from_checkpoint
 
@@ -289,8 +289,7 @@ def _check_published(events, tmp: str, target: Path) -> None:
 
 
 def test_atomic_writes_fsync_before_publishing(tmp_path, io_log):
-    from litmodel.hf import publish
-    from litmodel.utils import atomic_dir, atomic_file
+    from litmodel.atomic import atomic_dir, atomic_file, publish
 
     with atomic_file(tmp_path / "a.txt") as tmp:
         tmp.write_text("x")

@@ -439,7 +439,7 @@ def test_chat_sends_apply_chat_template_tokens(kind, tmp_path, monkeypatch, caps
 
     from litmodel.checkpoint import save_checkpoint_dir
     from litmodel.tokenizer import Tokenizer
-    from litmodel.utils import cli_main
+    from litmodel.cli import cli_main
 
     template, specials, bos, eos, model_kw = CHAT_FAMILIES[kind]
     tk = HFTokenizer(models.BPE())

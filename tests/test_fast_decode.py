@@ -13,8 +13,10 @@ import torch
 
 from litmodel import Config, build_model
 from litmodel.fast_decode import DecodeAttention, DecodeBlock, FusedRMSNorm, PackedLinear, prepare_fast_decode
+from litmodel.generate import generate, generate_batch
+from litmodel.generation_cli import model_bytes
+from litmodel.generation_setup import prepare_model
 from litmodel.llama import Block
-from litmodel.generate import generate, generate_batch, model_bytes, prepare_model
 from litmodel.int4 import Int4Linear, dequantize_int4, quantize_groupwise_int4, quantize_int4
 from litmodel.speculative import SpeculativeStats, accept_or_resample, check_draft, speculative_generate
 from litmodel.utils import LitModelError
@@ -360,7 +362,7 @@ def test_speculative_bad_input():
 def test_no_silent_compile_and_a_persistent_compile_cache(tmp_path, monkeypatch):
     import torch._inductor.config as inductor_config
 
-    from litmodel.generate import enable_compile_cache, make_decode_step
+    from litmodel.decode_step import enable_compile_cache, make_decode_step
 
     model = prepare_model(tiny())
     step = make_decode_step(model)  # the default: a plain function, nothing compiled

@@ -299,7 +299,8 @@ def _bad_cases(base, root: Path) -> dict:
     adapter.mkdir()
     from litmodel.finetune import write_lora_config
     from litmodel.lora import LoRAConfig, apply_lora, lora_state_dict
-    from litmodel.checkpoint import load_model, save_safetensors
+    from litmodel.checkpoint import load_model
+    from litmodel.safetensors_io import save_safetensors
 
     m = apply_lora(load_model(base["ckpt"]), r=2, alpha=4)
     save_safetensors(lora_state_dict(m), adapter / "lora.safetensors")

@@ -66,7 +66,7 @@ def run(script: str, *args: str, stdin: str | None = None, env: dict | None = No
 
 def call(script: str, argv: list[str], capsys) -> tuple[int, str, str]:
     """Run a script's CLI in-process (argument parsing, main, the one-line error wrapper)."""
-    from litmodel.utils import cli_main
+    from litmodel.cli import cli_main
 
     module = _load_script(script)
     code = 0

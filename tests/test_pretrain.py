@@ -25,7 +25,7 @@ CORPUS = [
 def prepared(tmp_path_factory):
     """A tiny tokenizer and train/val shards, made with the real data-prep code."""
     from litmodel.data import corpus_from_documents, prepare_corpus
-    from litmodel.tokenizer import train_tokenizer
+    from litmodel.tokenizer_training import train_tokenizer
 
     root = tmp_path_factory.mktemp("pretrain_data")
     texts = root / "texts"

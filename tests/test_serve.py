@@ -283,7 +283,7 @@ def test_base_prompts_file_is_batched_and_equals_lone_answers(ckpt, ref, tmp_pat
     """generate/base.py --prompts_file: text lines or JSON lines, one JSON line out per prompt, in order."""
     import importlib.util
 
-    from litmodel.utils import cli_main
+    from litmodel.cli import cli_main
 
     spec = importlib.util.spec_from_file_location("_litmodel_generate_base_batch", ROOT / "generate" / "base.py")
     base = importlib.util.module_from_spec(spec)

@@ -7,16 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from litmodel import Config, build_model
+from litmodel.data.prompts import alpaca_prompt, record_to_messages
+from litmodel.data.records import load_records
 from litmodel.data.sft import (
     IGNORE_INDEX,
     JSONData,
     PackedBatches,
     SFTDataset,
-    alpaca_prompt,
     collate_fn,
-    load_records,
     pack_examples,
-    record_to_messages,
     sft_loss,
 )
 from litmodel.tokenizer import Tokenizer

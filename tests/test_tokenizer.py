@@ -10,12 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from litmodel.tokenizer import (
-    FALLBACK_CHAT_TEMPLATE,
-    TOKENIZER_FILES,
-    Tokenizer,
-    copy_tokenizer_files,
-)
+from litmodel.chat_template import FALLBACK_CHAT_TEMPLATE
+from litmodel.tokenizer import TOKENIZER_FILES, Tokenizer, copy_tokenizer_files
 from litmodel.utils import LitModelError
 
 transformers = pytest.importorskip("transformers")

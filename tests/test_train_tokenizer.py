@@ -1,4 +1,4 @@
-"""scripts/train_tokenizer.py and litmodel.tokenizer.train_tokenizer (tiny corpora, no network)."""
+"""scripts/train_tokenizer.py and litmodel.tokenizer_training.train_tokenizer (tiny corpora, no network)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from litmodel.tokenizer import Tokenizer, _read_texts, find_text_files, train_tokenizer
+from litmodel.tokenizer import Tokenizer
+from litmodel.tokenizer_training import _read_texts, find_text_files, train_tokenizer
 from litmodel.utils import LitModelError
 
 ROOT = Path(__file__).resolve().parents[1]

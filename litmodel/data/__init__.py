@@ -1,4 +1,4 @@
-"""Pretraining data: token shards (format, writer, memory-mapped reader), corpus sources, loaders.
+"""Pretraining data: token shards (format, writer, memory-mapped reader), corpus sources, preparation, loaders.
 
 ```python
 from litmodel.data import prepare_corpus, stdlib_corpus, PretrainDataLoader, ValDataLoader
@@ -8,22 +8,25 @@ x, y = next(loader)                                               # (8, 256) Lon
 ```
 """
 
-from litmodel.data.pretrain import PretrainDataLoader, ValDataLoader, num_windows
-from litmodel.data.shards import (
+from litmodel.data.prepare import (
     DEFAULT_SEED,
-    DEFAULT_SHARD_TOKENS,
     DEFAULT_VAL_FRACTION,
-    ShardWriter,
-    TokenShards,
     assign_splits,
-    check_tokenizer_match,
-    choose_dtype,
     default_num_workers,
     ensure_prepared,
     is_prepared,
+    prepare_and_report,
     prepare_corpus,
-    read_index,
     split_score,
+)
+from litmodel.data.pretrain import PretrainDataLoader, ValDataLoader, num_windows
+from litmodel.data.shards import (
+    DEFAULT_SHARD_TOKENS,
+    ShardWriter,
+    TokenShards,
+    check_tokenizer_match,
+    choose_dtype,
+    read_index,
     tokenizer_hash,
 )
 from litmodel.data.sources import Corpus, corpus_from_documents, hub_corpus, stdlib_corpus, text_dir_corpus
@@ -31,7 +34,7 @@ from litmodel.data.sources import Corpus, corpus_from_documents, hub_corpus, std
 __all__ = [
     "DEFAULT_SEED", "DEFAULT_SHARD_TOKENS", "DEFAULT_VAL_FRACTION", "Corpus", "PretrainDataLoader", "ShardWriter",
     "TokenShards", "ValDataLoader", "assign_splits", "check_tokenizer_match", "choose_dtype", "corpus_from_documents",
-    "default_num_workers", "ensure_prepared", "is_prepared", "hub_corpus", "num_windows", "prepare_corpus",
-    "read_index", "split_score",
+    "default_num_workers", "ensure_prepared", "is_prepared", "hub_corpus", "num_windows", "prepare_and_report",
+    "prepare_corpus", "read_index", "split_score",
     "stdlib_corpus", "text_dir_corpus", "tokenizer_hash",
 ]

@@ -10,7 +10,7 @@ with one record per line. A record is ``{"prompt", "chosen", "rejected"}`` where
 * without ``prompt`` (TRL's "implicit prompt"), ``chosen`` and ``rejected`` are whole conversations
   that differ only in their last (assistant) message; the shared messages before it are the prompt.
 
-Rendering is the SFT data code's (`litmodel.data.sft`), so a pair's tokens are exactly what SFT and
+Rendering is the SFT data code's (`litmodel.data.prompts`), so a pair's tokens are exactly what SFT and
 generate/chat.py produce. ``prompt_style="chat"`` (the default when the tokenizer has a chat
 template): ``prompt + [assistant answer]`` is rendered with the checkpoint's chat template; the
 answer spans from the end of the prompt rendered with the generation prompt to the answer's last
@@ -43,10 +43,11 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
-from litmodel.data.sft import (IGNORE_INDEX, RecordData, _alpaca_turns, _resolve_prompt_style, _tokenize_alpaca,
-                               _tokenize_chat, check_messages, read_records)
+from litmodel.data.prompts import alpaca_turns, tokenize_alpaca, tokenize_chat
+from litmodel.data.record_data import RecordData, RecordDataset
+from litmodel.data.records import check_messages, read_records
+from litmodel.data.sft import IGNORE_INDEX
 from litmodel.utils import LitModelError
 
 log = logging.getLogger(__name__)
@@ -126,13 +127,13 @@ def tokenize_answer(tokenizer, prompt: Prompt, answer: str, prompt_style: str,
     data renders the conversation; None when the chat template is not prefix-stable for it."""
     messages = _prompt_messages(prompt) + [{"role": "assistant", "content": answer}]
     if prompt_style == "chat":
-        ids, learn, _ = _tokenize_chat(tokenizer, messages)
+        ids, learn, _ = tokenize_chat(tokenizer, messages)
         start = len(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True))
     else:
-        turns = _alpaca_turns({"instruction": prompt, "output": answer} if isinstance(prompt, str) else messages,
+        turns = alpaca_turns({"instruction": prompt, "output": answer} if isinstance(prompt, str) else messages,
                               where)
-        ids, learn = _tokenize_alpaca(tokenizer, turns)
-        start = len(_tokenize_alpaca(tokenizer, turns[:-1] + [(turns[-1][0], None)])[0])
+        ids, learn = tokenize_alpaca(tokenizer, turns)
+        start = len(tokenize_alpaca(tokenizer, turns[:-1] + [(turns[-1][0], None)])[0])
     answer_at = [j for j in range(start, len(ids)) if learn[j]]
     if not answer_at or start < 1:
         return None
@@ -159,17 +160,14 @@ def _row(prompt: list[int], answer: list[int]) -> tuple[torch.Tensor, torch.Tens
 
 
 # ---- the dataset ---------------------------------------------------------------------------------
-class PreferenceDataset(Dataset):
+class PreferenceDataset(RecordDataset):
     """Tokenized pairs (see the module doc). ``stats``: pairs, tokens (input tokens of both rows), truncated,
     identical (skipped), unstable (skipped: the chat template is not prefix-stable), prompt_style, max_seq_length.
     ``reference``: None, or a (len, 2) float tensor of reference log-prob sums (chosen, rejected) per pair."""
 
     def __init__(self, records: Sequence[dict], tokenizer, max_seq_length: int, prompt_style: str | None = None,
                  source: str = "data", record_ids: Sequence[int] | None = None) -> None:
-        if max_seq_length is None or max_seq_length < 1:
-            raise LitModelError(f"max_seq_length must be >= 1, got {max_seq_length}")
-        self.prompt_style = _resolve_prompt_style(tokenizer, prompt_style)
-        self.max_seq_length = max_seq_length
+        super().__init__(tokenizer, max_seq_length, prompt_style)
         self.pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.prompts: list[Prompt] = []
         self.reference: Optional[torch.Tensor] = None
@@ -240,9 +238,9 @@ def collate_pairs(items: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict
 
 # ---- the data module -----------------------------------------------------------------------------
 class PreferenceData(RecordData):
-    """Preference pairs from one ``.json`` or ``.jsonl`` file (see the module doc): the SFT data module
-    (`litmodel.data.sft.RecordData`: split, prompt style, loaders, `format_prompt`) with pair records, pair datasets
-    and pair batches; never packed.
+    """Preference pairs from one ``.json`` or ``.jsonl`` file (see the module doc): the record data module SFT uses
+    too (`litmodel.data.record_data.RecordData`: split, prompt style, loaders, `format_prompt`) with pair records,
+    pair datasets and pair batches; never packed.
 
     ``val_split_fraction`` of the records (at least one when > 0 and there are >= 2 records) go to
     validation, chosen by a ``seed``-ed shuffle (the same split every run).

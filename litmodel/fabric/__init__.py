@@ -5,18 +5,22 @@
 chosen precision, and saves/loads training state (one file, or a sharded
 ``torch.distributed.checkpoint`` directory under FSDP). See the README, "Distributed training with litmodel.fabric".
 
-Modules: ``core`` (Fabric), ``environment`` (options, strategies, torchrun/SLURM detection),
-``launcher`` (spawning and supervising local workers), ``wrappers`` (precision, FabricModule,
-FabricDataLoader, RNG), ``checkpoint`` (checkpoint helpers, consolidation).
+Modules: ``core`` (the Fabric class: launch, setup, step, collectives, logging), ``checkpoint``
+(save/load/load_raw, DCP directories, consolidation), ``environment`` (accelerator/devices options,
+torchrun/SLURM detection), ``launcher`` (spawning and supervising local workers, joining the process
+group), ``strategies`` (DDP/FSDP2 options and model placement), ``wrappers`` (FabricModule,
+FabricDataLoader, RNG), ``sharded_load`` (each rank reading only its shards from safetensors).
 """
 
 from litmodel.fabric.checkpoint import consolidate_checkpoint, load_full_model_state
 from litmodel.fabric.core import Fabric
-from litmodel.fabric.environment import (ACCELERATORS, PRECISIONS, STRATEGIES, ClusterEnv, DDPStrategy, FSDPStrategy,
-                                         WorkerError, _first_slurm_host, detect_cluster_env)
+from litmodel.fabric.environment import ACCELERATORS, ClusterEnv, detect_cluster_env
+from litmodel.fabric.launcher import WorkerError
+from litmodel.fabric.strategies import STRATEGIES, DDPStrategy, FSDPStrategy
 from litmodel.fabric.wrappers import (FabricDataLoader, FabricModule, capture_rng_state, restore_rng_state,
                                       seed_everything)
 from litmodel.loggers import CSVLogger, Logger, TensorBoardLogger
+from litmodel.precision import PRECISIONS
 
 __all__ = [
     "Fabric", "DDPStrategy", "FSDPStrategy", "FabricModule", "FabricDataLoader", "ClusterEnv",

@@ -1,11 +1,15 @@
-"""Configuration pieces of the Fabric runtime: valid options, strategies, cluster environments."""
+"""Where a Fabric runs: the accelerator and device options (checked), and the job this process belongs to
+(torchrun, SLURM, or ``Fabric.launch``) read from its environment variables."""
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping
+
+import torch
+import torch.distributed as dist
 
 from litmodel.utils import LitModelError
 
@@ -13,58 +17,7 @@ from litmodel.utils import LitModelError
 ACCELERATORS = ("auto", "cpu", "cuda")
 
 
-STRATEGIES = ("auto", "single", "ddp", "fsdp")
-
-
-PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
-
-
-_PRECISION_ALIASES = {32: "32-true", "32": "32-true", "bf16": "bf16-mixed", 16: "16-mixed", "16": "16-mixed"}
-
-
-_CPU_PROCESSES_PER_CORE = 4  # cpu: at most 4 processes per core (more is a typo, not a plan)
-
-
-class WorkerError(LitModelError):
-    """A launched worker failed; ``rank`` and ``exc_type`` say which and how (traceback on stderr)."""
-
-    def __init__(self, message: str, rank: int, exc_type: str = "") -> None:
-        super().__init__(message)
-        self.rank, self.exc_type = rank, exc_type
-
-
-@dataclass
-class DDPStrategy:
-    """``DistributedDataParallel`` options (``strategy="ddp"`` uses the defaults)."""
-
-    find_unused_parameters: bool = False
-    static_graph: bool = False
-    bucket_cap_mb: int | None = None
-    name: str = field(default="ddp", init=False)
-
-
-@dataclass
-class FSDPStrategy:
-    """FSDP2 options (``strategy="fsdp"`` uses the defaults).
-
-    sharding_strategy: "full" shards every parameter over all ranks; "hybrid" shards within a group
-        of ``shard_size`` ranks (default: the processes of one node) and replicates across groups
-        (2D device mesh ``(replicate, shard)``; gradients are reduce-scattered then all-reduced).
-    cpu_offload: keep sharded parameters, gradients and optimizer state on the CPU
-        (``CPUOffloadPolicy``; only meaningful with cuda).
-    reshard_after_forward: free the gathered block parameters after forward (re-gather in backward).
-    """
-
-    sharding_strategy: str = "full"
-    shard_size: int | None = None
-    cpu_offload: bool = False
-    reshard_after_forward: bool = True
-    name: str = field(default="fsdp", init=False)
-
-    def __post_init__(self) -> None:
-        if self.sharding_strategy not in ("full", "hybrid"):
-            raise LitModelError(
-                f"unknown FSDP sharding_strategy {self.sharding_strategy!r}; choose one of full, hybrid")
+CPU_PROCESSES_PER_CORE = 4  # cpu: at most 4 processes per core (more is a typo, not a plan)
 
 
 @dataclass
@@ -128,7 +81,71 @@ def detect_cluster_env(environ: Mapping[str, str] | None = None) -> ClusterEnv |
     return None
 
 
-def _cpu_count() -> int:
+def check_accelerator(accelerator: str) -> str:
+    """``accelerator`` as "cpu" or "cuda" ("gpu" means cuda; "auto": cuda when a GPU is available)."""
+    if accelerator == "gpu":
+        accelerator = "cuda"
+    if accelerator not in ACCELERATORS:
+        raise LitModelError(f"unknown accelerator {accelerator!r}; choose one of {', '.join(ACCELERATORS)}")
+    if accelerator == "auto":
+        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    if accelerator == "cuda" and not torch.cuda.is_available():
+        raise LitModelError("accelerator='cuda' but no CUDA GPU is available; use accelerator='cpu'")
+    return accelerator
+
+
+def resolve_devices(accelerator: str, devices: int | str, num_nodes: int,
+                    env: ClusterEnv | None) -> tuple[int, ClusterEnv | None]:
+    """Check ``devices`` x ``num_nodes`` against this machine and the job ``env`` that started this process.
+    Returns the number of devices ("auto" resolved) and the job to join (None: ``launch`` starts the processes)."""
+    if not isinstance(num_nodes, int) or num_nodes < 1:
+        raise LitModelError(f"num_nodes must be a positive integer, got {num_nodes!r}")
+    if devices == "auto":
+        devices = (env.local_world_size if env else torch.cuda.device_count() if accelerator == "cuda" else 1)
+    if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
+        raise LitModelError(f"devices must be a positive integer or 'auto', got {devices!r}")
+    if accelerator == "cuda" and devices > torch.cuda.device_count():
+        raise LitModelError(f"devices={devices} but this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+                            f"use devices<={torch.cuda.device_count()}")
+    max_cpu = cpu_count() * CPU_PROCESSES_PER_CORE
+    if accelerator == "cpu" and devices > max_cpu:
+        raise LitModelError(f"devices={devices} CPU processes but this machine has {cpu_count()} core(s); "
+                            f"use devices<={max_cpu} (at most {CPU_PROCESSES_PER_CORE} per core)")
+    if env is not None:
+        if env.kind == "slurm" and env.world_size == 1 and num_nodes == 1:
+            env = None  # one SLURM task asking for several devices: launch them ourselves
+        elif env.world_size != devices * num_nodes:
+            hint = ("srun --ntasks-per-node" if env.kind == "slurm" else "torchrun --nproc_per_node")
+            raise LitModelError(
+                f"{env.kind} started {env.world_size} processes but Fabric was asked for "
+                f"devices={devices} x num_nodes={num_nodes}; make {hint} equal devices and the node count "
+                "equal num_nodes")
+    elif num_nodes > 1:
+        raise LitModelError(f"num_nodes={num_nodes} needs the processes started on every node by torchrun or "
+                            "srun; see the README section on multi-node training")
+    return devices, env
+
+
+def select_device(accelerator: str, env: ClusterEnv | None) -> torch.device:
+    """This process's device: ``cuda:LOCAL_RANK`` (made current), or the CPU, its cores shared among the
+    processes of this node."""
+    if accelerator == "cuda":
+        device = torch.device("cuda", env.local_rank if env else 0)
+        torch.cuda.set_device(device)
+        return device
+    local_world = env.local_world_size if env else 1
+    if local_world > 1:
+        torch.set_num_threads(max(1, cpu_count() // local_world))
+    return torch.device("cpu")
+
+
+def is_distributed() -> bool:
+    """Whether this process is one of several in a running process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def cpu_count() -> int:
+    """CPU cores this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:

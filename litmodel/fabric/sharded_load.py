@@ -16,16 +16,16 @@ from typing import BinaryIO
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from litmodel.fabric.wrappers import _clean_name
+from litmodel.safetensors_io import SAFETENSORS_DTYPES, read_safetensors_header
+from litmodel.fabric.wrappers import clean_name
 from litmodel.utils import LitModelError
 
 
 def local_box(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(local shape, offset in the global tensor) of this rank's part of ``t``."""
     if isinstance(t, DTensor):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
         shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
         return tuple(shape), tuple(offset)
     return tuple(t.shape), (0,) * t.ndim
@@ -45,8 +45,6 @@ def copy_full_into(dst: torch.Tensor, full: torch.Tensor) -> None:
 def _read_box(f: BinaryIO, info: dict, data_start: int, shape: tuple[int, ...],
               offset: tuple[int, ...]) -> torch.Tensor:
     """The box ``offset : offset + shape`` of a stored tensor; only its rows (dim 0) are read."""
-    from litmodel.checkpoint import SAFETENSORS_DTYPES
-
     dtype = SAFETENSORS_DTYPES[info["dtype"]]
     full_shape = tuple(info["shape"])
     begin = data_start + info["data_offsets"][0]
@@ -75,16 +73,14 @@ def load_safetensors_sharded(module: nn.Module, path: str | os.PathLike, strict:
     rank's shard only. Returns the names of the model's state that the file does not hold (a tied
     weight counts as loaded through its other name); ``strict``: a tensor of the file that the model
     lacks, or a shape mismatch, is an error."""
-    from litmodel.checkpoint import read_safetensors_header
-
     path = Path(path)
     header, data_start = read_safetensors_header(path)
     targets: dict[str, torch.Tensor] = {}
     for name, p in module.named_parameters(remove_duplicate=False):
-        targets.setdefault(_clean_name(name), p)
+        targets.setdefault(clean_name(name), p)
     for name, b in module.named_buffers(remove_duplicate=False):
-        targets.setdefault(_clean_name(name), b)
-    expected = {_clean_name(k) for k in module.state_dict()}
+        targets.setdefault(clean_name(name), b)
+    expected = {clean_name(k) for k in module.state_dict()}
     for name, info in header.items():
         if name not in targets:
             if strict:

@@ -1,55 +1,21 @@
-"""What ``Fabric.setup*`` returns and how it runs: precision contexts, the module and data-loader
-wrappers, RNG helpers."""
+"""What ``Fabric.setup*`` returns and how it runs: the module and data-loader wrappers, RNG helpers."""
 
 from __future__ import annotations
 
-import contextlib
 import random
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import (BatchSampler, DataLoader, DistributedSampler, IterableDataset, RandomSampler,
+                              SequentialSampler)
 
+from litmodel.precision import Precision
+from litmodel.utils import apply_to_tensors
 
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
-
-
-def _apply_to_tensors(data: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    if isinstance(data, torch.Tensor):
-        return fn(data)
-    if isinstance(data, tuple) and hasattr(data, "_fields"):
-        return type(data)(*(_apply_to_tensors(d, fn) for d in data))
-    if isinstance(data, (list, tuple)):
-        return type(data)(_apply_to_tensors(d, fn) for d in data)
-    if isinstance(data, Mapping):
-        return type(data)((k, _apply_to_tensors(v, fn)) for k, v in data.items())
-    return data
-
-
-class _Precision:
-    def __init__(self, name: str, device_type: str) -> None:
-        self.name = name
-        self.device_type = device_type
-        low = torch.bfloat16 if name.startswith("bf16") else torch.float16
-        self.autocast_dtype = low if name.endswith("-mixed") else None
-        self.param_dtype = low if name in ("bf16-true", "16-true") else None
-
-    def forward_context(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
-
-    def convert_input(self, data: Any) -> Any:
-        if self.param_dtype is None:
-            return data
-        return _apply_to_tensors(data, lambda t: t.to(self.param_dtype) if t.is_floating_point() else t)
-
-    def convert_output(self, data: Any) -> Any:
-        if self.name == "32-true":
-            return data
-        return _apply_to_tensors(data, lambda t: t.float() if t.is_floating_point() and t.dtype != torch.float64 else t)
 
 
 class FabricModule(nn.Module):
@@ -58,7 +24,7 @@ class FabricModule(nn.Module):
     gives the original model's ``state_dict``/``named_parameters`` (no ``module.`` prefixes).
     ``.module`` is the original (for FSDP: the sharded) model."""
 
-    def __init__(self, forward_module: nn.Module, original_module: nn.Module, precision: _Precision) -> None:
+    def __init__(self, forward_module: nn.Module, original_module: nn.Module, precision: Precision) -> None:
         super().__init__()
         self._forward_module = forward_module
         self._original_module = original_module
@@ -82,11 +48,11 @@ class FabricModule(nn.Module):
 
     def named_parameters(self, *args: Any, **kwargs: Any):  # names as in the original model
         for name, p in self._original_module.named_parameters(*args, **kwargs):
-            yield _clean_name(name), p
+            yield clean_name(name), p
 
     def named_buffers(self, *args: Any, **kwargs: Any):
         for name, b in self._original_module.named_buffers(*args, **kwargs):
-            yield _clean_name(name), b
+            yield clean_name(name), b
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -95,7 +61,8 @@ class FabricModule(nn.Module):
             return getattr(super().__getattr__("_original_module"), name)
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
+def unwrap(module: nn.Module) -> nn.Module:
+    """The original model inside ``FabricModule``, DDP and ``torch.compile`` wrappers."""
     while True:
         if isinstance(module, FabricModule):
             module = module._original_module
@@ -107,19 +74,22 @@ def _unwrap(module: nn.Module) -> nn.Module:
             return module
 
 
-def _clean_name(name: str) -> str:
+def clean_name(name: str) -> str:
+    """A parameter name without the prefixes wrappers add (activation checkpointing, compile, FSDP1)."""
     for prefix in _WRAPPER_PREFIXES:
         name = name.replace(prefix, "")
     return name
 
 
-def _is_fsdp(module: nn.Module) -> bool:
+def is_fsdp(module: nn.Module) -> bool:
+    """Whether FSDP2 sharded ``module`` or a part of it."""
+    # deferred: torch.distributed.fsdp (with torch.distributed.tensor) adds ~1.5 s to `import litmodel.fabric`
     from torch.distributed.fsdp import FSDPModule
 
-    return any(isinstance(m, FSDPModule) for m in _unwrap(module).modules())
+    return any(isinstance(m, FSDPModule) for m in unwrap(module).modules())
 
 
-class _ResumableSampler(DistributedSampler):
+class ResumableSampler(DistributedSampler):
     """A seeded ``DistributedSampler`` that can skip the first ``skip`` samples once (resume)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -130,6 +100,23 @@ class _ResumableSampler(DistributedSampler):
         indices = list(super().__iter__())
         skip, self.skip = self.skip, 0
         return iter(indices[skip:])
+
+
+def with_resumable_sampler(dl: DataLoader, world_size: int, rank: int, seed: int) -> DataLoader:
+    """``dl`` rebuilt with a seeded ``ResumableSampler`` (shuffled when the original sampler was random) if it
+    is map-style with a plain sequential/random/distributed sampler; any other loader as it is."""
+    if isinstance(dl.dataset, IterableDataset) or type(dl.batch_sampler) is not BatchSampler \
+            or not isinstance(dl.sampler, (SequentialSampler, RandomSampler, DistributedSampler)):
+        return dl
+    shuffle = isinstance(dl.sampler, RandomSampler) or getattr(dl.sampler, "shuffle", False)
+    sampler = ResumableSampler(dl.dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                               drop_last=False)
+    kw = dict(batch_size=dl.batch_size, num_workers=dl.num_workers, collate_fn=dl.collate_fn,
+              pin_memory=dl.pin_memory, drop_last=dl.drop_last, timeout=dl.timeout,
+              worker_init_fn=dl.worker_init_fn, generator=dl.generator, persistent_workers=dl.persistent_workers)
+    if dl.num_workers > 0:
+        kw.update(prefetch_factor=dl.prefetch_factor, multiprocessing_context=dl.multiprocessing_context)
+    return DataLoader(dl.dataset, sampler=sampler, **kw)
 
 
 class FabricDataLoader:
@@ -157,7 +144,7 @@ class FabricDataLoader:
 
     def _samples_per_batch(self) -> int | None:
         sampler, bs = self.dataloader.sampler, self.dataloader.batch_size
-        if isinstance(sampler, _ResumableSampler) and bs is not None:
+        if isinstance(sampler, ResumableSampler) and bs is not None:
             return bs * sampler.num_replicas
         return None
 
@@ -182,7 +169,7 @@ class FabricDataLoader:
             next(iterator, None)
         for batch in iterator:
             self.batches_yielded += 1
-            yield _apply_to_tensors(batch, self._move) if self.device is not None else batch
+            yield apply_to_tensors(batch, self._move) if self.device is not None else batch
         self.epoch += 1
         self.batches_yielded = 0
 
@@ -201,14 +188,12 @@ class FabricDataLoader:
         self.epoch = int(state["epoch"])
         self.batches_yielded = int(state["batches_yielded"])
         self._resume = {"batches_yielded": self.batches_yielded, "samples_yielded": state.get("samples_yielded")}
-        if state.get("seed") is not None and isinstance(self.dataloader.sampler, _ResumableSampler):
+        if state.get("seed") is not None and isinstance(self.dataloader.sampler, ResumableSampler):
             self.dataloader.sampler.seed = int(state["seed"])  # the saved shuffle order wins
 
 
 def seed_everything(seed: int) -> int:
     """Seed python ``random``, numpy and torch (all devices)."""
-    import numpy as np
-
     seed = int(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -217,8 +202,6 @@ def seed_everything(seed: int) -> int:
 
 
 def _local_rng_state() -> dict:
-    import numpy as np
-
     version, internal, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": [version, list(internal), gauss],
@@ -231,8 +214,6 @@ def _local_rng_state() -> dict:
 
 
 def _restore_local(state: Mapping[str, Any]) -> None:
-    import numpy as np
-
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]

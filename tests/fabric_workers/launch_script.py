@@ -8,8 +8,9 @@ import os
 import sys
 import time
 
+from litmodel.cli import cli_main
 from litmodel.fabric import Fabric
-from litmodel.utils import LitModelError, cli_main
+from litmodel.utils import LitModelError
 
 
 def work(fabric: Fabric, mode: str) -> str:

@@ -1,8 +1,9 @@
-"""Parameter-name and layout mapping between Hugging Face checkpoints and litmodel.
+"""Parameter-name and layout maps between Hugging Face checkpoints and litmodel (per model family).
 
 Each direction is a *plan*: for every output tensor, the input tensor names it is built from and
-a function that builds it. Conversion scripts execute a plan one output tensor at a time, so a
-checkpoint is streamed, never held twice in memory.
+a function that builds it. ``litmodel.hf`` executes a plan one output tensor at a time, so a
+checkpoint is streamed, never held twice in memory; ``litmodel.peft_io`` uses the same maps for
+adapters.
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ from litmodel.config import Config
 Plan = dict[str, tuple[list[str], Callable[..., torch.Tensor]]]
 
 
-def _same(t: torch.Tensor) -> torch.Tensor:
+def unchanged(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _transpose(t: torch.Tensor) -> torch.Tensor:  # GPT-2's Conv1D stores (in, out)
+def transpose_conv1d(t: torch.Tensor) -> torch.Tensor:  # GPT-2's Conv1D stores (in, out)
     return t.t().contiguous()
 
 
-def _cat(*ts: torch.Tensor) -> torch.Tensor:
+def cat_rows(*ts: torch.Tensor) -> torch.Tensor:
     return torch.cat(ts, dim=0)
 
 
@@ -138,21 +139,26 @@ def _top_map(config: Config) -> dict[str, str]:
     return top
 
 
+def _one_to_one_fn(config: Config, hf: str, to_lit: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """How the tensor with HF name ``hf`` (in a block) converts to its one litmodel tensor, or back:
+    GPT-2's Conv1D weights are transposed, GPT-NeoX's qkv rows regrouped, the rest kept."""
+    if config.model_type == "gpt2" and hf.endswith("weight") and not hf.startswith("ln"):
+        return transpose_conv1d
+    if config.model_type == "gpt_neox" and "query_key_value" in hf:
+        return _neox_to_lit(config) if to_lit else _lit_to_neox(config)
+    return unchanged
+
+
 def lit_to_hf_plan(config: Config) -> Plan:
     """For every HF tensor name: (litmodel names it comes from, function building it)."""
-    plan: Plan = {hf: ([lit], _same) for hf, lit in _top_map(config).items()}
+    plan: Plan = {hf: ([lit], unchanged) for hf, lit in _top_map(config).items()}
     single, fused, prefix = _layer_map(config)
     q = config.n_head * config.head_size
     kv = config.n_query_groups * config.head_size
     for i in range(config.n_layer):
         hf_p, lit_p = prefix.format(i), f"blocks.{i}."
         for hf, lit in single.items():
-            fn = _same
-            if config.model_type == "gpt2" and hf.endswith("weight") and not hf.startswith("ln"):
-                fn = _transpose
-            elif config.model_type == "gpt_neox" and "query_key_value" in hf:
-                fn = _lit_to_neox(config)
-            plan[hf_p + hf] = ([lit_p + lit], fn)
+            plan[hf_p + hf] = ([lit_p + lit], _one_to_one_fn(config, hf, to_lit=False))
         for lit, parts in fused.items():
             sizes = (q, kv, kv) if lit.startswith("attn") else (config.intermediate_size,) * 2
             for j, hf in enumerate(parts):
@@ -171,19 +177,14 @@ def lit_to_hf_plan(config: Config) -> Plan:
 
 def hf_to_lit_plan(config: Config) -> Plan:
     """For every litmodel tensor name: (HF names it is built from, function building it)."""
-    plan: Plan = {lit: ([hf], _same) for hf, lit in _top_map(config).items()}
+    plan: Plan = {lit: ([hf], unchanged) for hf, lit in _top_map(config).items()}
     single, fused, prefix = _layer_map(config)
     for i in range(config.n_layer):
         hf_p, lit_p = prefix.format(i), f"blocks.{i}."
         for hf, lit in single.items():
-            fn = _same
-            if config.model_type == "gpt2" and hf.endswith("weight") and not hf.startswith("ln"):
-                fn = _transpose
-            elif config.model_type == "gpt_neox" and "query_key_value" in hf:
-                fn = _neox_to_lit(config)
-            plan[lit_p + lit] = ([hf_p + hf], fn)
+            plan[lit_p + lit] = ([hf_p + hf], _one_to_one_fn(config, hf, to_lit=True))
         for lit, parts in fused.items():
-            plan[lit_p + lit] = ([hf_p + p for p in parts], _cat)
+            plan[lit_p + lit] = ([hf_p + p for p in parts], cat_rows)
         if config.n_expert:
             gate, up, down = _expert_names(config)
             E = config.n_expert
