@@ -20,6 +20,8 @@ table is not counted: a lookup reads one row; a tied head counts once as the hea
 Variants: ``hf-fp32``/``hf-bf16`` transformers; ``lit-main-default`` the eager path generate/base.py used before
 this change (column-major weights, `optimize_for_decode(compiled=False)`) in the default precision;
 ``lit-default`` what generate/base.py does now with no flags (default precision, `prepare_fast_decode`);
+``lit-unfused`` the same without the fused one-token blocks (`prepare_fast_decode(fuse_blocks=False)`, the
+default before them: one module call per attention, norm and linear);
 ``lit-fp32``/``lit-bf16`` the same in a given precision; ``lit-int8``/``lit-int4`` quantized (+ the
 attention/norm swap); ``lit-*-compile`` `torch.compile`d (first call compiles: minutes).
 
@@ -47,6 +49,7 @@ import torch.nn as nn
 
 from litmodel import Config, build_model
 from litmodel.decode_step import make_decode_step
+from litmodel.fast_decode import prepare_fast_decode
 from litmodel.generate import generate
 from litmodel.generation_setup import prepare_model
 from litmodel.precision import inference_dtype
@@ -55,7 +58,7 @@ from litmodel.speculative import SpeculativeStats, speculative_generate
 from litmodel.utils import tune_allocator
 
 ALL = ["hf-fp32", "lit-main-default", "lit-default", "lit-fp32", "lit-bf16", "lit-int8", "lit-int4"]
-KNOWN = ALL + ["hf-bf16", "lit-fp32-compile", "lit-bf16-compile", "lit-int8-compile", "lit-int4-compile"]
+KNOWN = ALL + ["lit-unfused", "hf-bf16", "lit-fp32-compile", "lit-bf16-compile", "lit-int8-compile", "lit-int4-compile"]
 
 
 def read_bytes(model: nn.Module) -> int:
@@ -148,7 +151,7 @@ def timed(stream):
 
 def build_variant(v: str, base: nn.Module, cfg: Config, default_dtype: torch.dtype):
     """(model, decode step, label) of a lit variant."""
-    if v in ("lit-default", "lit-main-default"):
+    if v in ("lit-default", "lit-main-default", "lit-unfused"):
         dtype = default_dtype
     else:
         dtype = torch.float32 if "fp32" in v else torch.bfloat16
@@ -157,6 +160,8 @@ def build_variant(v: str, base: nn.Module, cfg: Config, default_dtype: torch.dty
     quantize = "int8" if "int8" in v else "int4" if "int4" in v else None
     if v == "lit-main-default":
         optimize_for_decode(m, compiled=False)
+    elif v == "lit-unfused":
+        m = prepare_fast_decode(m, fuse_blocks=False)
     else:
         m = prepare_model(m, quantize=quantize, compile=compiled)
     return m, make_decode_step(m, compile=compiled), dtype

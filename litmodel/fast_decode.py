@@ -14,7 +14,13 @@ returns the model (same forward signature, same results within float rounding):
   without a mask unless rows are padded (SDPA over the whole masked cache costs ~0.25 ms per layer at
   1024 slots, the prefix ~0.03 ms), in float32 (bf16 SDPA for one query is ~5x slower on CPU).
   Prompts (several tokens) take the unchanged path.
-* every Llama `RMSNorm` -> `FusedRMSNorm`: one `F.rms_norm` kernel instead of seven ops.
+* every Llama `RMSNorm` -> `FusedRMSNorm`: for one row, one layer-norm kernel instead of eight ops.
+* every Llama `Block` without q/k norms, post-norms, experts or GeGLU -> `DecodeBlock`: the step of one
+  token of one sequence is one function of ~36 ops (a rotation matrix per step instead of per-layer
+  RoPE ops, cache-slot writes, two batched matmuls and a softmax over the visible slots, the linear
+  kernels called directly), not ~60 ops and a dozen module calls; everything else takes `Block.forward`
+  with the modules above. Each op costs ~1-2 us of dispatch on this CPU, so ops, not arithmetic, were a
+  third of a SmolLM2-135M step.
 
 It is for inference only: packed weights cannot be trained, saved or moved to another device.
 Linear layers of a dtype oneDNN has no fast kernel for on this CPU (bf16/fp16 without AVX512-BF16/
@@ -30,8 +36,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from litmodel.layers import CausalSelfAttention, KVCache, RMSNorm, apply_rope
+from litmodel.llama import Block, SwiGLU
 from litmodel.precision import native_half_matmul
-from litmodel.quantize import DecodeLinear
+from litmodel.quantize import DecodeLinear, swap_modules
 
 
 def packable(weight: torch.Tensor) -> bool:
@@ -69,26 +76,86 @@ class PackedLinear(nn.Module):
 
 
 class FusedRMSNorm(nn.Module):
-    """`litmodel.llama.RMSNorm` as one `F.rms_norm` call (float32 statistics, then scaled, as RMSNorm)."""
+    """`litmodel.llama.RMSNorm` in fewer ops. One row (a decode step): one `F.layer_norm` kernel, as the
+    layer norm of ``[x, -x]`` has mean 0 and variance mean(x^2), so its first half is
+    x * rsqrt(mean(x^2) + eps) (float32 statistics; ~8 us instead of ~16 for the eight ops of RMSNorm or
+    `F.rms_norm`, a composite on CPU). In float32 the computed mean is not exactly 0, so half the
+    difference of the two halves cancels it (gamma holds weight / 2). Several rows (a prompt): `F.rms_norm`,
+    which computes exactly as RMSNorm does."""
 
     def __init__(self, norm: RMSNorm) -> None:
         super().__init__()
         self.weight, self.eps = norm.weight, norm.eps
+        w = norm.weight.detach()
+        self.exact = w.dtype == torch.float32
+        self.register_buffer("weight2", torch.cat((w / 2, w / 2) if self.exact else (w, w)), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # without its weight argument: F.rms_norm with a weight is a slow composite on CPU (~3x)
-        return self.weight * F.rms_norm(x.float(), (x.size(-1),), None, self.eps).to(x.dtype)
+        n = x.size(-1)
+        if x.numel() != n:
+            # without its weight argument: F.rms_norm with a weight is a slower composite on CPU
+            return self.weight * F.rms_norm(x.float(), (n,), None, self.eps).to(x.dtype)
+        return self.row(x)
+
+    def row(self, x: torch.Tensor) -> torch.Tensor:
+        """The norm of a single row ``x`` (..., n)."""
+        n = x.size(-1)
+        y = F.layer_norm(torch.cat((x, x.neg()), -1), (2 * n,), self.weight2, None, self.eps)
+        return y[..., :n] - y[..., n:] if self.exact else y[..., :n]
 
 
 class StepCache:
     """What every layer of one decode step would recompute alike: the mask cut to the filled cache prefix
-    (None when nothing in it is masked) and cos/sin in the activation dtype. Shared by the attention
-    modules of one model; an entry is reused only for the very same input tensor objects (held here, so
-    they cannot be freed and their ids reused) and cache length."""
+    (None when nothing in it is masked), cos/sin in the activation dtype, the position as a Python int and
+    the rotation matrix of the step. Shared by the attention modules and blocks of one model; an entry is
+    reused only for the very same input tensor objects (held here, so they cannot be freed and their ids
+    reused) and cache length."""
 
     def __init__(self) -> None:
         self.mask_in = self.mask = self.cos_in = self.cos = self.sin = None
         self.length = -1
+        self.pos_in, self.pos, self.ranges = None, -1, {}
+        self.rot_in, self.rot, self.rot_bases = None, None, {}
+
+    def position(self, input_pos: torch.Tensor) -> int:
+        """The slot of ``input_pos`` (1,) (a host read of a CPU tensor: read in every layer, so that a
+        tensor changed in place is never stale)."""
+        p = input_pos.item()
+        if input_pos is not self.pos_in or p != self.pos:
+            self.pos_in, self.pos, self.ranges = input_pos, p, {}
+        return p
+
+    def visible_from(self, mask: torch.Tensor, length: int, window: int | None) -> int | None:
+        """The first visible key slot ``lo`` when the keys one query sees are exactly slots lo..length-1
+        (the causal prefix, cut to the sliding ``window``), else None (padding or another extra mask).
+        Call `position` first: the answers are kept for one step."""
+        key = (id(mask), window)
+        if key not in self.ranges:
+            lo = max(0, length - window) if window is not None else 0
+            row = mask.reshape(-1)
+            ok = mask.numel() == mask.size(-1) and bool(row[lo:length].all() & ~row[:lo].any())
+            self.ranges[key] = (mask, lo if ok else None)  # the mask is held: its id stays unique
+        return self.ranges[key][1]
+
+    def rotation(self, cos: torch.Tensor, sin: torch.Tensor, head_size: int) -> torch.Tensor:
+        """The (head_size, head_size) float32 matrix R with ``x @ R == apply_rope(x, cos, sin)`` for one
+        position (the first ``cos.size(-1)`` dims rotated, the rest passed through): one small matmul
+        rotates every q and k head of a layer."""
+        if cos is not self.rot_in:
+            n = cos.size(-1)
+            base = self.rot_bases.get((head_size, n))
+            if base is None:  # where cos, -sin and sin go in R (row i of R: input dim i), and R without them
+                i = torch.arange(n // 2)
+                rows = torch.cat((torch.arange(n), i + n // 2, i))
+                cols = torch.cat((torch.arange(n), i, i + n // 2))
+                eye = torch.eye(head_size)
+                eye[:n, :n] = 0
+                base = self.rot_bases[(head_size, n)] = (eye, rows * head_size + cols)
+            eye, where = base
+            c, s = cos.reshape(-1).float(), sin.reshape(-1).float()
+            values = torch.cat((c, -s[: n // 2], s[n // 2:]))
+            self.rot_in, self.rot = cos, eye.reshape(-1).index_put((where,), values).view(head_size, head_size)
+        return self.rot
 
     def prefix_mask(self, mask: torch.Tensor, length: int) -> torch.Tensor | None:
         if mask is not self.mask_in or length != self.length:
@@ -154,19 +221,120 @@ class DecodeAttention(CausalSelfAttention):
         return self.proj(y.to(x.dtype).reshape(B, 1, H * hs))
 
 
-def _swap_children(model: nn.Module, fn) -> None:
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            new = fn(child)
-            if new is not None:
-                setattr(module, name, new)
+_LINEAR = torch.ops.mkldnn._linear_pointwise
+_ZERO = torch.zeros(())  # the ignored input of baddbmm(beta=0)
 
 
-def prepare_fast_decode(model: nn.Module, pack_linears: bool = True) -> nn.Module:
+def _parallel(fn, x: torch.Tensor, threads: int) -> torch.Tensor:
+    """``fn(x)`` on ``threads`` threads, from code that runs on one."""
+    if threads == 1:
+        return fn(x)
+    torch.set_num_threads(threads)
+    try:
+        return fn(x)
+    finally:
+        torch.set_num_threads(1)
+
+
+def _linear_fn(layer: nn.Module):
+    """``layer`` as a plain function: a `PackedLinear` calls its kernel directly (no module call)."""
+    if type(layer) is PackedLinear:
+        weight, bias = layer.weight, layer.bias
+        return lambda x: _LINEAR(x, weight, bias, "none", [], "")
+    return layer
+
+
+class DecodeBlock(Block):
+    """A Llama `Block` whose step for one new token of one sequence is one function of ~36 ops instead
+    of ~60 plus a dozen module calls (other inputs take `Block.forward` with the swapped attention and norms):
+
+    * each RMSNorm is the one-row layer-norm kernel of `FusedRMSNorm`;
+    * q and k of every head are rotated by one (H + G, hs) x (hs, hs) matmul with the step's rotation
+      matrix (`StepCache.rotation`, built once per step for all layers), in float32;
+    * the new key and value are copied into their cache slot; attention is two batched matmuls and a
+      softmax in float32 over the visible slots only (no mask: a padding or any other extra mask takes
+      the general path);
+    * the linear kernels are called directly, the weights, sizes and views of the cache are looked up once.
+
+    Blocks with q/k norms, post-norms, a mixture of experts, a GeGLU or a softcap are not swapped.
+    """
+
+    def __init__(self, block: Block, step: StepCache) -> None:
+        nn.Module.__init__(self)
+        self.norm_1, self.attn, self.norm_2, self.mlp = block.norm_1, block.attn, block.norm_2, block.mlp
+        self.post_norm, self.use_rope, self.window = block.post_norm, block.use_rope, block.window
+        self.step = step
+        a = block.attn
+        self.sizes = (a.n_head, a.n_kv_heads, a.head_size, a.scale if a.scale is not None else a.head_size ** -0.5)
+        # plain references (module attribute lookups cost ~0.4 us each, ~30 per layer)
+        self.fns = (self.norm_1.row, _linear_fn(a.qkv), _linear_fn(a.proj), self.norm_2.row,
+                    _linear_fn(block.mlp.fc), _linear_fn(block.mlp.proj))
+        self.cache_views: tuple | None = None  # (cache, keys (G, hs, S), values (G, S, hs), batch 1?)
+
+    @staticmethod
+    def fusable(block: nn.Module) -> bool:
+        if type(block) is not Block:
+            return False
+        a = block.attn
+        return (not block.post_norm and type(block.mlp) is SwiGLU and block.mlp.activation == "silu"
+                and type(block.norm_1) is FusedRMSNorm and type(block.norm_2) is FusedRMSNorm
+                and isinstance(a, DecodeAttention) and a.qk_norm is None and a.softcap is None)
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        cache = self.attn.kv_cache
+        if x.size(0) != 1 or x.size(1) != 1 or mask is None or input_pos is None or type(cache) is not KVCache \
+                or mask.dtype != torch.bool or input_pos.shape != (1,):
+            return super().forward(x, cos, sin, mask, input_pos)
+        step = self.step
+        p = step.position(input_pos)
+        lo = step.visible_from(mask, p + 1, self.window)
+        views = self.cache_views
+        if views is None or views[0] is not cache:
+            views = self.cache_views = (cache, cache.k[0].transpose(1, 2), cache.v[0], cache.k.size(0) == 1)
+        _, keys, values, one_row = views
+        if lo is None or not one_row:  # a mask (padding), or a cache of several rows
+            return super().forward(x, cos, sin, mask, input_pos)
+        threads = torch.get_num_threads()
+        if threads == 1:
+            return self.step_one(x, cos, sin, keys, values, p, lo, 1)
+        # the small ops on one thread, the matrix-vector products on all: at 2 threads each small op enters an
+        # OpenMP region (a 12x64 @ 64x64 mm 5 -> 18 us, a softmax 2 -> 12 us), ~9% of a step here
+        torch.set_num_threads(1)
+        try:
+            return self.step_one(x, cos, sin, keys, values, p, lo, threads)
+        finally:
+            torch.set_num_threads(threads)
+
+    def step_one(self, x, cos, sin, keys, values, p: int, lo: int, threads: int) -> torch.Tensor:
+        """The fused step: ``x`` (1, 1, n) of the token at cache slot ``p`` that sees slots lo..p."""
+        H, G, hs, scale = self.sizes
+        norm_1, qkv_fn, proj_fn, norm_2, fc_fn, down_fn = self.fns
+        # attention: norm, one qkv product, rotate q and k (float32), write the cache slot, attend
+        x = x.view(1, -1)  # 2-D rows: the linear kernels reshape 3-D inputs (~1.5 us each)
+        qkv = _parallel(qkv_fn, norm_1(x), threads).view(H + 2 * G, hs).float()
+        qk = qkv[: H + G]
+        if self.use_rope and cos is not None:
+            qk = torch.mm(qk, self.step.rotation(cos, sin, hs))
+        q, k = torch.split_with_sizes(qk, (H, G))
+        keys.select(2, p).copy_(k)
+        values.select(1, p).copy_(qkv[H + G:])
+        k_seen, v_seen = keys[:, :, lo: p + 1], values[:, lo: p + 1]
+        if k_seen.dtype != torch.float32:
+            k_seen, v_seen = k_seen.float(), v_seen.float()
+        scores = torch.baddbmm(_ZERO, q.view(G, H // G, hs), k_seen, beta=0, alpha=scale)
+        y = torch.bmm(torch.softmax(scores, -1), v_seen).view(1, H * hs)
+        x = x + _parallel(proj_fn, y.to(x.dtype), threads)
+        # MLP: norm, one gate-and-up product, SiLU(gate) * up, down
+        gate, up = _parallel(fc_fn, norm_2(x), threads).chunk(2, dim=-1)
+        return (x + _parallel(down_fn, F.silu(gate).mul_(up), threads)).view(1, 1, -1)
+
+
+def prepare_fast_decode(model: nn.Module, pack_linears: bool = True, fuse_blocks: bool = True) -> nn.Module:
     """Swap in the fast decode modules (see the module docstring), in place; returns ``model``.
 
-    ``pack_linears=False`` keeps the linear layers (e.g. int8/int4 ones) and swaps attention and norms only.
-    A weight shared by several linear layers is packed once.
+    ``pack_linears=False`` keeps the linear layers (e.g. int8/int4 ones) and swaps the other modules only.
+    ``fuse_blocks=False`` keeps the blocks (no `DecodeBlock`; for comparisons). A weight shared by several
+    linear layers is packed once.
     """
     packed: dict[int, torch.Tensor] = {}
     step = StepCache()
@@ -180,9 +348,7 @@ def prepare_fast_decode(model: nn.Module, pack_linears: bool = True) -> nn.Modul
             packed[key] = layer.weight
             return layer
         if type(child) is nn.Linear:  # bf16 on a CPU without bf16 matmul: DecodeLinear computes prompts in fp32
-            layer = DecodeLinear(child.in_features, child.out_features, child.bias is not None, device="meta")
-            layer.weight, layer.bias = child.weight, child.bias
-            return layer
+            return DecodeLinear.from_linear(child)
         return None
 
     def swap(child: nn.Module):
@@ -194,6 +360,8 @@ def prepare_fast_decode(model: nn.Module, pack_linears: bool = True) -> nn.Modul
 
     with torch.no_grad():
         if pack_linears:
-            _swap_children(model, pack)  # first, so that the new attention modules take the packed layers
-        _swap_children(model, swap)
+            swap_modules(model, pack)  # first, so that the new attention modules take the packed layers
+        swap_modules(model, swap)
+        if fuse_blocks:
+            swap_modules(model, lambda child: DecodeBlock(child, step) if DecodeBlock.fusable(child) else None)
     return model

@@ -66,6 +66,13 @@ class DecodeLinear(nn.Linear):
     """`nn.Linear` whose one-row product is a fused matrix-vector kernel under `torch.compile` on CPU
     (same parameters, same state dict; outside `torch.compile` it is a plain `nn.Linear`)."""
 
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "DecodeLinear":
+        """A new layer holding the very same parameter objects (a tied weight stays tied)."""
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+        layer.weight, layer.bias = linear.weight, linear.bias
+        return layer
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _is_compiling() and x.device.type == "cpu" and _few_rows(x):
             out = _matvec(x, self.weight)
@@ -81,6 +88,16 @@ class DecodeLinear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+def swap_modules(model: nn.Module, fn) -> None:
+    """Replace, in place, every submodule ``child`` of ``model`` for which ``fn(child)`` returns a module
+    by that module (``fn`` returns None to keep a child)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            new = fn(child)
+            if new is not None:
+                setattr(module, name, new)
+
+
 def optimize_for_decode(model: nn.Module, compiled: bool = True) -> nn.Module:
     """Prepare a model's linear layers for fast batch-1 decoding on CPU, in place.
 
@@ -90,9 +107,7 @@ def optimize_for_decode(model: nn.Module, compiled: bool = True) -> nn.Module:
     makes `F.linear` use MKL's faster matrix-vector kernel (~1.5x at batch 1); prefill gets slower,
     so this is only for eager decoding.
     """
-    for module in model.modules():
-        if type(module) is nn.Linear:
-            module.__class__ = DecodeLinear
+    swap_modules(model, lambda child: DecodeLinear.from_linear(child) if type(child) is nn.Linear else None)
     if not compiled:
         relaid: dict[int, nn.Parameter] = {}
         for module in model.modules():
@@ -199,10 +214,9 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     """
     tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
     wte = getattr(model, "wte", None)
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and not (tied and child is getattr(model, "lm_head", None)):
-                setattr(module, child_name, Int8Linear.from_linear(child))
+    head = getattr(model, "lm_head", None)
+    swap_modules(model, lambda child: Int8Linear.from_linear(child)
+                 if isinstance(child, nn.Linear) and not (tied and child is head) else None)
     if isinstance(wte, nn.Embedding):
         w, s = quantize_weight_int8(wte.weight)
         dtype = wte.weight.dtype

@@ -51,7 +51,8 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     exactly from p without a host sync; ``generator`` makes it reproducible.
     """
     if temperature <= 0:
-        return logits.argmax(dim=-1)
+        # in float32: a bf16 argmax is not vectorized on CPU (~190 us for 49k logits, ~45 us upcast + fp32)
+        return logits.float().argmax(dim=-1)
     probs = sampling_probs(logits, temperature, top_k, top_p)
     noise = torch.empty_like(probs).exponential_(1, generator=generator)
     return torch.argmax(probs / noise, dim=-1)

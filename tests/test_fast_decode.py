@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from litmodel import Config, build_model
-from litmodel.fast_decode import DecodeAttention, FusedRMSNorm, PackedLinear, prepare_fast_decode
+from litmodel.fast_decode import DecodeAttention, DecodeBlock, FusedRMSNorm, PackedLinear, prepare_fast_decode
 from litmodel.generate import generate, generate_batch
 from litmodel.generation_cli import model_bytes
 from litmodel.generation_setup import prepare_model
+from litmodel.llama import Block
 from litmodel.int4 import Int4Linear, dequantize_int4, quantize_groupwise_int4, quantize_int4
 from litmodel.speculative import SpeculativeStats, accept_or_resample, check_draft, speculative_generate
 from litmodel.utils import LitModelError
@@ -27,8 +28,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def tiny(arch: str = "llama", std: float = 0.3, seed: int = 0, **kw):
     torch.manual_seed(seed)
     if arch == "llama":
-        cfg = Config(name="tiny", block_size=64, vocab_size=96, n_layer=2, n_head=4, n_query_groups=2, n_embd=64,
-                     intermediate_size=128, **kw)
+        kw = {"n_query_groups": 2, **kw}
+        cfg = Config(name="tiny", block_size=64, vocab_size=96, n_layer=2, n_head=4, n_embd=64, intermediate_size=128,
+                     **kw)
     else:  # GPT-NeoX: partial rotary, parallel residual, biases, LayerNorm
         cfg = Config(name="tiny-neox", model_type="gpt_neox", block_size=64, vocab_size=96, n_layer=2, n_head=4,
                      n_embd=64, intermediate_size=128, bias=True, parallel_residual=True, rotary_percentage=0.25,
@@ -90,6 +92,96 @@ def test_fast_decode_bf16_and_weight_sharing():
     # int8 / int4 models: attention and norms are swapped, the quantized linears stay
     q = prepare_model(copy.deepcopy(model), quantize="int4", int4_group_size=32)
     assert isinstance(q.blocks[0].attn, DecodeAttention) and isinstance(q.blocks[0].attn.qkv, Int4Linear)
+
+
+FUSED = {"gqa": {}, "mha": dict(n_query_groups=4), "mqa": dict(n_query_groups=1), "qkv-bias": dict(attn_bias=True),
+         "bias": dict(bias=True), "tied": dict(tie_embeddings=True), "window": dict(sliding_window=5),
+         "nope-layer": dict(nope_layers=[1]), "partial-rotary": dict(rotary_percentage=0.5),
+         "rope-scaling": dict(rope_scaling=dict(rope_type="linear", factor=2.0))}
+NOT_FUSED = {"qk-norm": dict(qk_norm="head"), "post-norm": dict(qk_norm="full", post_norm=True),
+             "moe": dict(n_expert=4, n_expert_per_token=2)}
+
+
+@pytest.mark.parametrize("variant", list(FUSED) + list(NOT_FUSED))
+def test_decode_block_same_logits(variant, monkeypatch):
+    """The fused one-token step of `DecodeBlock` (batch 1) gives the plain model's logits within float32
+    rounding and its greedy tokens, for the Llama-family options it fuses (GQA/MQA, biases, a sliding window
+    shorter than the sequence, layers without RoPE, partial rotary, RoPE scaling); blocks it does not fuse
+    keep the swapped attention and norms and give the same results too."""
+    model = tiny(**FUSED.get(variant, NOT_FUSED.get(variant)))
+    fast = prepare_fast_decode(copy.deepcopy(model))
+    fused = variant in FUSED
+    assert all(isinstance(b, DecodeBlock) == fused for b in fast.blocks)
+    prompt = [5, 3, 8, 1, 9, 2, 7]
+    assert list(generate(fast, prompt, 20, temperature=0)) == list(generate(model, prompt, 20, temperature=0))
+    general = []  # calls of the general block forward by the fast model's blocks during the one-token steps
+    plain_forward = Block.forward
+    for m in (model, fast):
+        m.set_kv_cache(1, 40)
+    with torch.no_grad():
+        a, b = model(torch.tensor([prompt]), torch.arange(7)), fast(torch.tensor([prompt]), torch.arange(7))
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+        monkeypatch.setattr(Block, "forward", lambda self, *args: general.append(self in fast.blocks) or
+                            plain_forward(self, *args))
+        for t in range(7, 30):
+            tok = torch.tensor([[(3 * t) % 96]])
+            a, b = model(tok, torch.tensor([t])), fast(tok, torch.tensor([t]))
+            assert (a - b).abs().max() <= 1e-5 * a.abs().max(), (t, (a - b).abs().max())  # fp32 rounding
+    assert any(general) != fused
+
+
+def test_decode_block_bf16_and_fallbacks():
+    """bf16: the fused step's logits are as close to the float32 model's as the plain bf16 model's. A padded
+    batch and a padding mask with one row take the general path (same results as before)."""
+    model = tiny()
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    fast16 = prepare_fast_decode(copy.deepcopy(bf16))
+    for m in (model, bf16, fast16):
+        m.set_kv_cache(1, 40)
+    errs = {"plain": [], "fast": []}
+    with torch.no_grad():
+        for m in (model, bf16, fast16):
+            m(torch.tensor([[5, 3, 8, 1, 9]]), torch.arange(5))
+        for t in range(5, 25):
+            tok = torch.tensor([[(7 * t) % 96]])
+            ref, a, b = (m(tok, torch.tensor([t])).float() for m in (model, bf16, fast16))
+            errs["plain"].append(((a - ref).norm() / ref.norm()).item())
+            errs["fast"].append(((b - ref).norm() / ref.norm()).item())
+    assert sum(errs["fast"]) < 1.5 * sum(errs["plain"]), errs
+    # one row with a padding mask: the general path (the mask hides slot 0)
+    fast = prepare_fast_decode(copy.deepcopy(model))
+    from litmodel.generate import padding_mask
+
+    prompts = [[0, 4, 5, 6]]
+    for m in (model, fast):
+        m.set_kv_cache(1, 16)
+    with torch.no_grad():
+        mask = padding_mask(torch.tensor([1]), 4, 16, torch.arange(4))
+        pos = torch.arange(4)[None] - 1
+        a, b = (m(torch.tensor(prompts), torch.arange(4), positions=pos.clamp(min=0), mask=mask) for m in (model, fast))
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+        step_mask = padding_mask(torch.tensor([1]), 1, 16, torch.tensor([-1]))
+        a, b = (m(torch.tensor([[9]]), torch.tensor([4]), positions=torch.tensor([[3]]), mask=step_mask)
+                for m in (model, fast))
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_block_threads():
+    """With several threads the fused step runs its small ops on one and its matrix products on all, and
+    leaves the thread count as it found it (also when a step fails)."""
+    model = tiny()
+    fast = prepare_fast_decode(copy.deepcopy(model))
+    for m in (model, fast):
+        m.set_kv_cache(1, 16)
+    torch.set_num_threads(2)  # the one_thread fixture restores the count after the test
+    with torch.no_grad():
+        for m in (model, fast):
+            m(torch.tensor([[1, 2, 3]]), torch.arange(3))
+        a, b = (m(torch.tensor([[4]]), torch.tensor([3])) for m in (model, fast))
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max() and torch.get_num_threads() == 2
+        with pytest.raises(IndexError):
+            fast(torch.tensor([[4]]), torch.tensor([99]))  # past the cache
+        assert torch.get_num_threads() == 2
 
 
 # ---- int4 --------------------------------------------------------------------------------------------------
