@@ -48,10 +48,17 @@ import torch
 
 from litmodel import Config, build_meta_model, build_model
 from litmodel.checkpoint import load_config, load_model, save_checkpoint_dir
-from litmodel.data.sft import IGNORE_INDEX, PackedBatches, collate_fn, sft_loss
+from litmodel.data.sft import PackedBatches, collate_fn, sft_loss
 from litmodel.fabric import Fabric
-from litmodel.flops import matmul_dtype, measure_matmul_flops, mfu, peak_flops, train_flops_per_token
+from litmodel.flops import (
+    matmul_dtype,
+    measure_matmul_flops,
+    mfu,
+    peak_flops,
+    train_flops_per_token,
+)
 from litmodel.lora import apply_lora, mark_only_lora_as_trainable
+from litmodel.losses import IGNORE_INDEX
 from litmodel.nf4 import load_model_nf4, nf4_model_nbytes
 from litmodel.precision import native_half_matmul
 from litmodel.training_args import TrainArgs, build_optimizer

@@ -7,20 +7,17 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from litmodel.config import Config
+from litmodel.gemma import Gemma
+from litmodel.gpt import GPT
+from litmodel.llama import Llama
 
 
 def build_model(config: Config) -> nn.Module:
     """The model class for ``config``: `litmodel.gpt.GPT`, `litmodel.gemma.Gemma` or `litmodel.llama.Llama`."""
     if config.family == "gpt":
-        from litmodel.gpt import GPT
-
         return GPT(config)
     if config.family == "gemma":
-        from litmodel.gemma import Gemma
-
         return Gemma(config)
-    from litmodel.llama import Llama
-
     return Llama(config)
 
 

@@ -26,7 +26,7 @@ It is for inference only: packed weights cannot be trained, saved or moved to an
 Linear layers of a dtype oneDNN has no fast kernel for on this CPU (bf16/fp16 without AVX512-BF16/
 AMX/AVX512-FP16) and non-CPU weights are left as they are.
 
-On CUDA the decode step is a CUDA graph instead (`litmodel.generate.make_decode_step`).
+On CUDA the decode step is a CUDA graph instead (`litmodel.decode_step.make_decode_step`).
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ import torch
 
 from litmodel.checkpoint import MODEL_FILE, load_config, load_model
 from litmodel.data.records import load_records
-from litmodel.data.sft import IGNORE_INDEX, JSON, JSONData  # noqa: F401 (JSON: --data JSON)
+from litmodel.data.sft import JSON, JSONData  # noqa: F401 (JSON: --data JSON)
 from litmodel.fabric import Fabric
 from litmodel.finetune_args import (FinetuneEvalArgs, FinetuneTrainArgs, LoRAArgs, RunSpec, check_quantize,
                                     check_run_inputs, document_flags, full_train_defaults, lora_hparams,
@@ -44,7 +44,7 @@ from litmodel.flops import train_flops_per_token
 from litmodel.generate import generate
 from litmodel.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable
 from litmodel.lora_checkpoint import write_lora_checkpoint
-from litmodel.losses import language_model_loss
+from litmodel.losses import IGNORE_INDEX, language_model_loss
 from litmodel.nf4 import load_model_nf4, nf4_model_nbytes
 from litmodel.plot import write_loss_plot
 from litmodel.precision import param_dtype

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from litmodel.cli import cli_main
+from litmodel.cli import cli_main, parse_function_args
 from litmodel.hf import convert_hf_checkpoint
 from litmodel.peft_io import import_peft
 from litmodel.utils import LitModelError
@@ -57,8 +57,6 @@ def main(
 
 
 def setup(argv: Optional[list[str]] = None) -> None:
-    from litmodel.cli import parse_function_args
-
     main(**parse_function_args(main, argv, __doc__))
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from litmodel.cli import cli_main
+from litmodel.cli import cli_main, parse_function_args
 from litmodel.hf import convert_lit_checkpoint
 from litmodel.peft_io import export_peft
 
@@ -50,8 +50,6 @@ def main(
 
 
 def setup(argv: Optional[list[str]] = None) -> None:
-    from litmodel.cli import parse_function_args
-
     main(**parse_function_args(main, argv, __doc__))
 
 

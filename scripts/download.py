@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from litmodel.hub import download, registry_table
-from litmodel.cli import cli_main
+from litmodel.cli import cli_main, parse_function_args
 
 
 def main(
@@ -41,8 +41,6 @@ def main(
 
 
 def setup(argv: Optional[list[str]] = None) -> None:
-    from litmodel.cli import parse_function_args
-
     main(**parse_function_args(main, argv, __doc__))
 
 

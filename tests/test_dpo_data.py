@@ -7,10 +7,16 @@ import logging
 import pytest
 import torch
 
-from litmodel.data.preference import (PreferenceData, PreferenceDataset, collate_pairs, load_preference_records,
-                                      truncate_pair)
+from litmodel.data.preference import (
+    PreferenceData,
+    PreferenceDataset,
+    collate_pairs,
+    load_preference_records,
+    truncate_pair,
+)
 from litmodel.data.prompts import alpaca_prompt
-from litmodel.data.sft import IGNORE_INDEX, JSONData
+from litmodel.data.sft import JSONData
+from litmodel.losses import IGNORE_INDEX
 from litmodel.tokenizer import Tokenizer
 from litmodel.utils import LitModelError
 

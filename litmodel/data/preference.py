@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from litmodel.data.prompts import alpaca_turns, tokenize_alpaca, tokenize_chat
 from litmodel.data.record_data import RecordData, RecordDataset
 from litmodel.data.records import check_messages, read_records
-from litmodel.data.sft import IGNORE_INDEX
+from litmodel.losses import IGNORE_INDEX
 from litmodel.utils import LitModelError
 
 log = logging.getLogger(__name__)

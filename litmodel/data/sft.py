@@ -35,13 +35,13 @@ from torch.utils.data import Dataset
 from litmodel.data.prompts import tokenize_record
 from litmodel.data.record_data import RecordData, RecordDataset
 from litmodel.data.records import load_records
+from litmodel.losses import IGNORE_INDEX
 from litmodel.utils import LitModelError
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 
-__all__ = ["IGNORE_INDEX", "JSON", "JSONData", "PackedBatches", "SFTDataset", "collate_fn", "pack_examples", "sft_loss"]
+__all__ = ["JSON", "JSONData", "PackedBatches", "SFTDataset", "collate_fn", "pack_examples", "sft_loss"]
 
 
 class SFTDataset(RecordDataset):
