@@ -166,3 +166,17 @@ def test_conversion_through_subprocess(tmp_path):
     lit = load_model(tmp_path / "lit")
     idx = torch.randint(0, VOCAB, (1, 16))
     assert (lit(idx) - hf(idx).logits).abs().max().item() <= ATOL
+
+
+def test_build_meta_model_skips_init_without_patching_torch():
+    from litmodel import Config, build_meta_model
+
+    init_fns = {n: getattr(torch.nn.init, n) for n in ("normal_", "uniform_", "kaiming_uniform_")}
+    config = Config(name="tiny", block_size=8, vocab_size=64, n_layer=1, n_head=2, n_embd=16, intermediate_size=32,
+                    tie_embeddings=True)
+    model = build_meta_model(config)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert model.lm_head.weight is model.wte.weight  # ties survive
+    assert {n: getattr(torch.nn.init, n) for n in init_fns} == init_fns  # nothing was replaced
+    t = torch.nn.init.normal_(torch.zeros(1000))  # and init still works outside the block
+    assert t.std() > 0.5
