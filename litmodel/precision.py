@@ -95,4 +95,4 @@ class Precision:
 
 def param_dtype(precision: str) -> torch.dtype:
     """The dtype weights are held in under a training precision (float32 unless ``*-true`` half)."""
-    return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision, torch.float32)
+    return Precision(precision, "cpu").param_dtype or torch.float32

@@ -91,3 +91,17 @@ for case, argv in json.loads(sys.argv[1]).items():
     results[case] = [code, out.getvalue(), err.getvalue()]
 print(json.dumps(results))
 """
+
+
+def perturbed_hf_model(hf_config, seed: int = 0):
+    """A tiny transformers model built from ``hf_config`` with every weight perturbed by N(0, 0.1), so biases, norm
+    weights and routers are not their 0/1/uniform defaults (a conversion that drops one shows in the logits)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model

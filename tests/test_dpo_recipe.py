@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_finetune import QA, ROOT, TINY, make_tokenizer, run_cli
+from test_finetune import QA, ROOT, make_tokenizer, run_cli, tiny_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -48,18 +48,8 @@ STEPS = ["--train.global_batch_size", "4", "--train.micro_batch_size", "2", "--t
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    from litmodel import Config, build_model
-    from litmodel.checkpoint import save_checkpoint_dir
-    from litmodel.tokenizer import Tokenizer
-
     root = tmp_path_factory.mktemp("dpo")
-    tok_dir = make_tokenizer(root / "tokenizer")
-    vocab = Tokenizer(tok_dir).vocab_size
-    config = Config(**TINY, vocab_size=vocab, padded_vocab_size=(vocab + 63) // 64 * 64)
-    torch.manual_seed(0)
-    model = build_model(config)
-    model.init_weights()
-    ckpt = save_checkpoint_dir(root / "checkpoints" / "tiny-chat", model, config, tok_dir)
+    ckpt = tiny_checkpoint(root / "checkpoints" / "tiny-chat", make_tokenizer(root / "tokenizer"))
     (root / "train.json").write_text(json.dumps(pairs(TRAIN_Q, 0)))
     (root / "held_out.json").write_text(json.dumps(pairs(HELD_OUT_Q, 1)))
     return {"root": root, "ckpt": ckpt, "train": root / "train.json", "held_out": root / "held_out.json"}

@@ -28,6 +28,7 @@ from litmodel.llama import MoE, router_aux_loss
 from litmodel.lora import LoRAConfig, apply_lora, lora_modules, mark_only_lora_as_trainable, merge_lora
 from litmodel.lora_checkpoint import load_lora, save_lora
 from litmodel.utils import LitModelError, num_parameters
+from tests.helpers import perturbed_hf_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -83,13 +84,7 @@ KINDS = ["qwen3", "qwen3_moe", "mixtral", "phi3", "phi4-longrope", "olmo2", "smo
 
 
 def make_hf_model(kind: str, seed: int = 0):
-    """A tiny HF model with every weight perturbed (norm weights not 0/1, routers not uniform)."""
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config(kind), attn_implementation="eager").eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model
+    return perturbed_hf_model(hf_config(kind), seed)
 
 
 def to_v4_dialect(hf_dir: Path, out: Path) -> None:

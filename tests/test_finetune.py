@@ -61,21 +61,25 @@ def make_tokenizer(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A random tiny Llama saved as a checkpoint dir (as scripts/download.py would write it) + the data files."""
+def tiny_checkpoint(out_dir: Path, tok_dir: Path) -> Path:
+    """A random (seed 0, GPT-2 init) TINY Llama with ``tok_dir``'s tokenizer, saved as a checkpoint dir."""
     from litmodel import Config, build_model
     from litmodel.checkpoint import save_checkpoint_dir
     from litmodel.tokenizer import Tokenizer
 
-    root = tmp_path_factory.mktemp("finetune")
-    tok_dir = make_tokenizer(root / "tokenizer")
     vocab = Tokenizer(tok_dir).vocab_size
     config = Config(**TINY, vocab_size=vocab, padded_vocab_size=(vocab + 63) // 64 * 64)
     torch.manual_seed(0)
     model = build_model(config)
     model.init_weights()
-    ckpt = save_checkpoint_dir(root / "checkpoints" / "test" / "tiny-chat", model, config, tok_dir)
+    return save_checkpoint_dir(out_dir, model, config, tok_dir)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A random tiny Llama saved as a checkpoint dir (as scripts/download.py would write it) + the data files."""
+    root = tmp_path_factory.mktemp("finetune")
+    ckpt = tiny_checkpoint(root / "checkpoints" / "test" / "tiny-chat", make_tokenizer(root / "tokenizer"))
     records = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA]
     (root / "train.json").write_text(json.dumps(records))
     (root / "train.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")

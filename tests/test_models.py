@@ -16,6 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from litmodel.checkpoint import load_model  # noqa: E402
+from tests.helpers import perturbed_hf_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 100
@@ -62,13 +63,7 @@ KINDS = ["gpt2", "neox-parallel", "neox-sequential", "llama3-tied", "llama-untie
 
 
 def make_hf_model(kind: str, seed: int = 0):
-    """A tiny HF model with every weight perturbed (so biases and norm weights are not 0/1)."""
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config(kind), attn_implementation="eager").eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model
+    return perturbed_hf_model(hf_config(kind), seed)
 
 
 @pytest.fixture(scope="module", params=KINDS)
