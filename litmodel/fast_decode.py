@@ -3,12 +3,9 @@
 `prepare_fast_decode(model)` replaces, in place, the modules that dominate a batch-1 decode step and
 returns the model (same forward signature, same results within float rounding):
 
-* every `nn.Linear` -> `PackedLinear`: the weight is reordered once into oneDNN's blocked layout
-  (`torch.ops.mkldnn._reorder_linear_weight`, what Inductor's freezing does), and the product is one
-  `mkldnn::_linear_pointwise` call that reads the weights at close to the memory bandwidth for one
-  row (row-major `F.linear` reached ~1/3 of that here in fp32, ~1/15 in bf16). Any number of rows works,
-  so the prefill uses the same packed weight (no second copy). A tied output head gets its own
-  packed copy (the embedding lookup still needs the plain table).
+* every `nn.Linear` -> `litmodel.cpu_linear.fast_linear(...)`: `GemvLinear` (litmodel's C matrix-vector
+  kernel for one row, the weight unchanged) where the kernels are built and the CPU has them, else
+  `PackedLinear` (the weight reordered once for oneDNN's kernels). Prompts (several rows) use the same weight.
 * every `CausalSelfAttention` -> `DecodeAttention`: for one new token per row it rotates q and k in
   one call, writes the static KV cache in place and attends to the filled prefix of the cache only,
   without a mask unless rows are padded (SDPA over the whole masked cache costs ~0.25 ms per layer at
@@ -20,10 +17,11 @@ returns the model (same forward signature, same results within float rounding):
   RoPE ops, cache-slot writes, two batched matmuls and a softmax over the visible slots, the linear
   kernels called directly), not ~60 ops and a dozen module calls; everything else takes `Block.forward`
   with the modules above. Each op costs ~1-2 us of dispatch on this CPU, so ops, not arithmetic, were a
-  third of a SmolLM2-135M step.
+  third of a SmolLM2-135M step. With litmodel's C extension built (`litmodel/_kernels.c`), the norms and
+  everything between the qkv and output products are single C calls (`DecodeBlock.step_native`): ~12 ops
+  per layer are left, the products, residual adds and SiLU.
 
-It is for inference only: packed weights cannot be trained, saved or moved to another device.
-Linear layers of a dtype oneDNN has no fast kernel for on this CPU (bf16/fp16 without AVX512-BF16/
+It is for inference only. Linear layers without a fast kernel on this CPU (bf16/fp16 without AVX512-BF16/
 AMX/AVX512-FP16) and non-CPU weights are left as they are.
 
 On CUDA the decode step is a CUDA graph instead (`litmodel.decode_step.make_decode_step`).
@@ -35,44 +33,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from litmodel.cpu_linear import GemvLinear, PackedLinear, fast_linear, kernels
 from litmodel.layers import CausalSelfAttention, KVCache, RMSNorm, apply_rope
 from litmodel.llama import Block, SwiGLU
-from litmodel.precision import native_half_matmul
 from litmodel.quantize import DecodeLinear, swap_modules
-
-
-def packable(weight: torch.Tensor) -> bool:
-    """Whether oneDNN has a fast kernel for a packed linear of this weight on this machine."""
-    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    if weight.dtype == torch.float32:
-        return True
-    return weight.dtype in (torch.bfloat16, torch.float16) and native_half_matmul(weight.dtype)
-
-
-class PackedLinear(nn.Module):
-    """A linear layer whose weight is prepacked for oneDNN (inference only; ``weight`` is an opaque
-    mkldnn tensor of the original (out, in) shape and dtype)."""
-
-    def __init__(self, linear: nn.Linear, packed: torch.Tensor | None = None) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        w = linear.weight.detach()
-        if packed is None:
-            # batch_size=1: the layout oneDNN picks for one-row products (decode); larger products use it too
-            packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)
-        self.register_buffer("weight", packed, persistent=False)
-        bias = linear.bias.detach().clone() if linear.bias is not None else None
-        self.register_buffer("bias", bias, persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != self.weight.dtype:  # e.g. a float32 activation reaching a bf16 layer: match F.linear's error
-            raise RuntimeError(f"PackedLinear of {self.weight.dtype} got a {x.dtype} input")
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, self.bias, "none", [], "")
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
-               f"dtype={self.weight.dtype}, packed for oneDNN"
 
 
 class FusedRMSNorm(nn.Module):
@@ -116,6 +80,7 @@ class StepCache:
         self.length = -1
         self.pos_in, self.pos, self.ranges = None, -1, {}
         self.rot_in, self.rot, self.rot_bases = None, None, {}
+        self.cs_in, self.cs = None, None
 
     def position(self, input_pos: torch.Tensor) -> int:
         """The slot of ``input_pos`` (1,) (a host read of a CPU tensor: read in every layer, so that a
@@ -156,6 +121,12 @@ class StepCache:
             values = torch.cat((c, -s[: n // 2], s[n // 2:]))
             self.rot_in, self.rot = cos, eye.reshape(-1).index_put((where,), values).view(head_size, head_size)
         return self.rot
+
+    def cos_sin(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of one position as contiguous float32 vectors (for the C kernels), once per step."""
+        if cos is not self.cs_in:
+            self.cs_in, self.cs = cos, (cos.reshape(-1).float().contiguous(), sin.reshape(-1).float().contiguous())
+        return self.cs
 
     def prefix_mask(self, mask: torch.Tensor, length: int) -> torch.Tensor | None:
         if mask is not self.mask_in or length != self.length:
@@ -221,27 +192,26 @@ class DecodeAttention(CausalSelfAttention):
         return self.proj(y.to(x.dtype).reshape(B, 1, H * hs))
 
 
-_LINEAR = torch.ops.mkldnn._linear_pointwise
 _ZERO = torch.zeros(())  # the ignored input of baddbmm(beta=0)
 
 
-def _parallel(fn, x: torch.Tensor, threads: int) -> torch.Tensor:
-    """``fn(x)`` on ``threads`` threads, from code that runs on one."""
-    if threads == 1:
-        return fn(x)
+def _parallel(layer: nn.Module, x: torch.Tensor, threads: int) -> torch.Tensor:
+    """``layer(x)`` on ``threads`` threads."""
+    before = torch.get_num_threads()
+    if before == threads:
+        return layer(x)
     torch.set_num_threads(threads)
     try:
-        return fn(x)
+        return layer(x)
     finally:
-        torch.set_num_threads(1)
+        torch.set_num_threads(before)
 
 
 def _linear_fn(layer: nn.Module):
-    """``layer`` as a plain function: a `PackedLinear` calls its kernel directly (no module call)."""
-    if type(layer) is PackedLinear:
-        weight, bias = layer.weight, layer.bias
-        return lambda x: _LINEAR(x, weight, bias, "none", [], "")
-    return layer
+    """``layer`` as a plain function of (x, threads) (no module call for the fast linear layers)."""
+    if type(layer) in (GemvLinear, PackedLinear):
+        return layer.row
+    return lambda x, threads: _parallel(layer, x, threads)
 
 
 class DecodeBlock(Block):
@@ -255,6 +225,9 @@ class DecodeBlock(Block):
       softmax in float32 over the visible slots only (no mask: a padding or any other extra mask takes
       the general path);
     * the linear kernels are called directly, the weights, sizes and views of the cache are looked up once.
+
+    `step_one` is that step in torch ops; `step_native` is the same computation with the norms and the
+    attention part in litmodel's C kernels, used where they are built (tests run both).
 
     Blocks with q/k norms, post-norms, a mixture of experts, a GeGLU or a softcap are not swapped.
     """
@@ -295,6 +268,10 @@ class DecodeBlock(Block):
         if lo is None or not one_row:  # a mask (padding), or a cache of several rows
             return super().forward(x, cos, sin, mask, input_pos)
         threads = torch.get_num_threads()
+        if kernels is not None and x.dtype in (torch.bfloat16, torch.float32) and cache.k.dtype == x.dtype \
+                and cache.k.is_contiguous() and cache.v.is_contiguous() and self.norm_1.weight.dtype == x.dtype \
+                and self.norm_2.weight.dtype == x.dtype:
+            return self.step_native(x, cos, sin, cache, p, lo, threads)
         if threads == 1:
             return self.step_one(x, cos, sin, keys, values, p, lo, 1)
         # the small ops on one thread, the matrix-vector products on all: at 2 threads each small op enters an
@@ -311,7 +288,7 @@ class DecodeBlock(Block):
         norm_1, qkv_fn, proj_fn, norm_2, fc_fn, down_fn = self.fns
         # attention: norm, one qkv product, rotate q and k (float32), write the cache slot, attend
         x = x.view(1, -1)  # 2-D rows: the linear kernels reshape 3-D inputs (~1.5 us each)
-        qkv = _parallel(qkv_fn, norm_1(x), threads).view(H + 2 * G, hs).float()
+        qkv = qkv_fn(norm_1(x), threads).view(H + 2 * G, hs).float()
         qk = qkv[: H + G]
         if self.use_rope and cos is not None:
             qk = torch.mm(qk, self.step.rotation(cos, sin, hs))
@@ -323,10 +300,35 @@ class DecodeBlock(Block):
             k_seen, v_seen = k_seen.float(), v_seen.float()
         scores = torch.baddbmm(_ZERO, q.view(G, H // G, hs), k_seen, beta=0, alpha=scale)
         y = torch.bmm(torch.softmax(scores, -1), v_seen).view(1, H * hs)
-        x = x + _parallel(proj_fn, y.to(x.dtype), threads)
+        x = x + proj_fn(y.to(x.dtype), threads)
         # MLP: norm, one gate-and-up product, SiLU(gate) * up, down
-        gate, up = _parallel(fc_fn, norm_2(x), threads).chunk(2, dim=-1)
-        return (x + _parallel(down_fn, F.silu(gate).mul_(up), threads)).view(1, 1, -1)
+        gate, up = fc_fn(norm_2(x), threads).chunk(2, dim=-1)
+        return (x + down_fn(F.silu(gate).mul_(up), threads)).view(1, 1, -1)
+
+
+    def step_native(self, x, cos, sin, cache: KVCache, p: int, lo: int, threads: int) -> torch.Tensor:
+        """`step_one` with its small steps in litmodel's C kernels (`litmodel/_kernels.c`): each norm is one
+        call, and so is everything between the qkv and the output products (rotating q and k, writing the cache
+        slot, attention over slots lo..p), instead of ~25 torch ops of ~2 us each."""
+        H, G, hs, scale = self.sizes
+        _, qkv_fn, proj_fn, _, fc_fn, down_fn = self.fns
+        if p >= cache.k.size(2):
+            raise IndexError(f"position {p} is past the end of the KV cache ({cache.k.size(2)} slots)")
+        is_bf16, n = x.dtype == torch.bfloat16, x.size(-1)
+        x = x.view(1, n)
+        h, y = torch.empty_like(x), torch.empty(1, H * hs, dtype=x.dtype)
+        kernels.rmsnorm(x.data_ptr(), self.norm_1.weight.data_ptr(), h.data_ptr(), n, self.norm_1.eps, is_bf16)
+        qkv = qkv_fn(h, threads)
+        c = s = None
+        if self.use_rope and cos is not None:
+            c, s = self.step.cos_sin(cos, sin)
+        kernels.attend(qkv.data_ptr(), 0 if c is None else c.data_ptr(), 0 if s is None else s.data_ptr(),
+                       0 if c is None else c.numel(), cache.k.data_ptr(), cache.v.data_ptr(), cache.k.size(2), p, lo,
+                       H, G, hs, scale, y.data_ptr(), is_bf16)
+        x = x + proj_fn(y, threads)
+        kernels.rmsnorm(x.data_ptr(), self.norm_2.weight.data_ptr(), h.data_ptr(), n, self.norm_2.eps, is_bf16)
+        gate, up = fc_fn(h, threads).chunk(2, dim=-1)
+        return (x + down_fn(F.silu(gate).mul_(up), threads)).view(1, 1, -1)
 
 
 def prepare_fast_decode(model: nn.Module, pack_linears: bool = True, fuse_blocks: bool = True) -> nn.Module:
@@ -342,14 +344,10 @@ def prepare_fast_decode(model: nn.Module, pack_linears: bool = True, fuse_blocks
     def pack(child: nn.Module):
         if type(child) not in (nn.Linear, DecodeLinear):
             return None
-        if packable(child.weight):
-            key = id(child.weight)
-            layer = PackedLinear(child, packed.get(key))
-            packed[key] = layer.weight
-            return layer
-        if type(child) is nn.Linear:  # bf16 on a CPU without bf16 matmul: DecodeLinear computes prompts in fp32
-            return DecodeLinear.from_linear(child)
-        return None
+        layer = fast_linear(child, packed)
+        if layer is None and type(child) is nn.Linear:  # bf16 on a CPU without bf16 matmul: DecodeLinear
+            return DecodeLinear.from_linear(child)  # computes prompts in fp32
+        return layer
 
     def swap(child: nn.Module):
         if isinstance(child, CausalSelfAttention) and not isinstance(child, DecodeAttention):

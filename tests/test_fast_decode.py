@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from litmodel import Config, build_model
-from litmodel.fast_decode import DecodeAttention, DecodeBlock, FusedRMSNorm, PackedLinear, prepare_fast_decode
+from litmodel import cpu_linear, fast_decode
+from litmodel.cpu_linear import GemvLinear, PackedLinear
+from litmodel.fast_decode import DecodeAttention, DecodeBlock, FusedRMSNorm, prepare_fast_decode
 from litmodel.generate import generate, generate_batch
 from litmodel.generation_cli import model_bytes
 from litmodel.generation_setup import prepare_model
@@ -23,6 +25,18 @@ from litmodel.utils import LitModelError
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(params=["c-kernels", "torch-only"])
+def kernels(request, monkeypatch):
+    """Run a test with litmodel's C kernels (`GemvLinear`, `DecodeBlock.step_native`) and without them (oneDNN's
+    `PackedLinear`, `DecodeBlock.step_one` in torch ops: what a machine without the built kernels gets)."""
+    if request.param == "torch-only":
+        monkeypatch.setattr(cpu_linear, "GEMV_KERNELS", {})
+        monkeypatch.setattr(fast_decode, "kernels", None)
+    elif not cpu_linear.GEMV_KERNELS:
+        pytest.skip("litmodel's C kernels are not built (or not usable) here")
+    return GemvLinear if request.param == "c-kernels" else PackedLinear
 
 
 def tiny(arch: str = "llama", std: float = 0.3, seed: int = 0, **kw):
@@ -47,11 +61,12 @@ def tiny(arch: str = "llama", std: float = 0.3, seed: int = 0, **kw):
 
 # ---- fast eager decode ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch,tied", [("llama", False), ("llama", True), ("gpt", False)])
-def test_fast_decode_same_tokens_and_logits(arch, tied):
+def test_fast_decode_same_tokens_and_logits(arch, tied, kernels):
     model = tiny(arch, tie_embeddings=tied)
     fast = prepare_fast_decode(copy.deepcopy(model))
     assert all(type(m) is not torch.nn.Linear for m in fast.modules())
-    assert isinstance(fast.blocks[0].attn, DecodeAttention) and isinstance(fast.blocks[0].attn.qkv, PackedLinear)
+    assert isinstance(fast.blocks[0].attn, DecodeAttention) and isinstance(fast.blocks[0].attn.qkv, kernels)
+    assert isinstance(fast.lm_head, kernels) and (kernels is PackedLinear or (fast.lm_head.weight is fast.wte.weight) == tied)
     if arch == "llama":
         assert isinstance(fast.blocks[0].norm_1, FusedRMSNorm)
     prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13]]  # left-padded batch
@@ -78,7 +93,7 @@ def test_fast_decode_same_tokens_and_logits(arch, tied):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a - b).abs().max()
 
 
-def test_fast_decode_bf16_and_weight_sharing():
+def test_fast_decode_bf16_and_weight_sharing(kernels):
     model = tiny(tie_embeddings=True)
     fast = prepare_fast_decode(copy.deepcopy(model))
     assert fast.wte.weight is not None and model_bytes(fast) > 0
@@ -103,7 +118,7 @@ NOT_FUSED = {"qk-norm": dict(qk_norm="head"), "post-norm": dict(qk_norm="full", 
 
 
 @pytest.mark.parametrize("variant", list(FUSED) + list(NOT_FUSED))
-def test_decode_block_same_logits(variant, monkeypatch):
+def test_decode_block_same_logits(variant, monkeypatch, kernels):
     """The fused one-token step of `DecodeBlock` (batch 1) gives the plain model's logits within float32
     rounding and its greedy tokens, for the Llama-family options it fuses (GQA/MQA, biases, a sliding window
     shorter than the sequence, layers without RoPE, partial rotary, RoPE scaling); blocks it does not fuse
@@ -130,7 +145,7 @@ def test_decode_block_same_logits(variant, monkeypatch):
     assert any(general) != fused
 
 
-def test_decode_block_bf16_and_fallbacks():
+def test_decode_block_bf16_and_fallbacks(kernels):
     """bf16: the fused step's logits are as close to the float32 model's as the plain bf16 model's. A padded
     batch and a padding mask with one row take the general path (same results as before)."""
     model = tiny()
@@ -166,7 +181,7 @@ def test_decode_block_bf16_and_fallbacks():
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_decode_block_threads():
+def test_decode_block_threads(kernels):
     """With several threads the fused step runs its small ops on one and its matrix products on all, and
     leaves the thread count as it found it (also when a step fails)."""
     model = tiny()
