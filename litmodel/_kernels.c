@@ -18,7 +18,7 @@
  * pointers, so torch is not needed to build it); litmodel falls back to oneDNN and torch ops without it.
  * Python API (addresses as ints): gemv_bf16(w, x, b, y, n, k, threads), gemv_f32(...) (b may be 0),
  * rmsnorm(x, w, y, n, eps, is_bf16), attend(...) (see py_attend), supported() -> (bf16 gemv usable, fp32
- * gemv usable) on this CPU.
+ * gemv usable) on this CPU. After editing this file, rebuild with `pip install -e .`.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -293,7 +293,7 @@ static PyMethodDef methods[] = {
     {"gemv_f32", (PyCFunction)(void (*)(void))py_gemv_f32, METH_FASTCALL, "y = W x + b in float32"},
     {"rmsnorm", py_rmsnorm, METH_VARARGS, "RMSNorm of one row"},
     {"attend", py_attend, METH_VARARGS, "attention of one new token over the cache"},
-    {"supported", py_supported, METH_NOARGS, "(bf16 kernel usable, fp32 kernel usable) on this CPU"},
+    {"supported", py_supported, METH_NOARGS, "(bf16 gemv, fp32 gemv usable) on this CPU"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -301,7 +301,8 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "Kernels 
 
 PyMODINIT_FUNC PyInit__kernels(void) {
     __builtin_cpu_init();
-    has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+    has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512vl");
     has_bf16 = has_avx512 && __builtin_cpu_supports("avx512bf16");
     has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     pthread_atfork(NULL, NULL, after_fork_in_child);

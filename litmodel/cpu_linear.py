@@ -62,10 +62,10 @@ class GemvLinear(nn.Module):
         if x.numel() != self.in_features or kernel is None or x.dtype != w.dtype or x.device.type != "cpu" \
                 or not w.is_contiguous() or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
             return F.linear(x, w, b)  # a prompt, a gradient to compute, or a weight moved since
-        x = x.contiguous()
+        x, b = x.contiguous(), None if b is None else b.contiguous()  # held while the kernel runs
         y = torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype)
-        kernel(w.data_ptr(), x.data_ptr(), 0 if b is None else b.contiguous().data_ptr(), y.data_ptr(),
-               self.out_features, self.in_features, threads)
+        kernel(w.data_ptr(), x.data_ptr(), 0 if b is None else b.data_ptr(), y.data_ptr(), self.out_features,
+               self.in_features, threads)
         return y
 
     def extra_repr(self) -> str:
