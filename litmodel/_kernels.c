@@ -16,7 +16,8 @@
  *
  * Built by `pip install` as the extension `litmodel._kernels` (plain C, no torch headers: it takes data
  * pointers, so torch is not needed to build it); litmodel falls back to oneDNN and torch ops without it.
- * Python API (addresses as ints): gemv_bf16(w, x, b, y, n, k, threads), gemv_f32(...) (b may be 0),
+ * Python API (addresses as ints): gemv_bf16(w, x, b, y, n, k, m, threads), gemv_f32(...) for m <= 8 rows of x
+ * (b may be 0),
  * rmsnorm(x, w, y, n, eps, is_bf16), attend(...) (see py_attend), supported() -> (bf16 gemv usable, fp32
  * gemv usable) on this CPU. After editing this file, rebuild with `pip install -e .`.
  */
@@ -32,7 +33,8 @@
 #include <string.h>
 
 typedef uint16_t bf16;
-typedef void (*rows_fn)(const void *w, const void *x, const void *b, void *y, int64_t k, int64_t r0, int64_t r1);
+typedef void (*rows_fn)(const void *w, const void *x, const void *b, void *y, int64_t n, int64_t k, int m, int64_t r0,
+                        int64_t r1);
 
 /* ---------------------------------------------------------------- kernels: rows r0..r1-1 of y = W x + b */
 
@@ -52,26 +54,47 @@ static inline bf16 float_to_bf16(float f) { /* round to nearest even, NaN stays 
 
 __attribute__((target("avx512f"))) static inline float sum512(__m512 v) { return _mm512_reduce_add_ps(v); }
 
-/* One row at a time, front to back: the weights are read as one sequential stream, which the hardware
- * prefetcher follows best (12-20% faster here than 4 or 8 rows interleaved). Two accumulators per row. */
-#define ROWS(name, target_, wt, vec, width, zero, dot, load, load_tail, mask_t, make_mask, sum, out)           \
-    __attribute__((target(target_))) static void name(const void *wp, const void *xp, const void *bp, void *yp, \
-                                                      int64_t k, int64_t r0, int64_t r1) {                      \
+/* One weight row at a time, front to back: the weights are read as one sequential stream, which the hardware
+ * prefetcher follows best (12-20% faster here than 4 or 8 rows interleaved). Two accumulators per product.
+ * Up to MAX_M inputs (x: m rows of k, y: m rows of n) share each pass over the weights (a prompt, a
+ * speculative verification); every product is summed in the same order whatever m is, so a row computed
+ * alone and in a batch come out the same, bit for bit. `name##_m` is specialised for m = 1 (decode). */
+#define MAX_M 8
+#define ROWS(name, target_, wt, vec, wvec, width, zero, dot, load, load_tail, mask_t, make_mask, sum, out)           \
+    __attribute__((target(target_), always_inline)) static inline void name##_m(                               \
+        const void *wp, const void *xp, const void *bp, void *yp, int64_t n, int64_t k, const int m,           \
+        int64_t r0, int64_t r1) {                                                                               \
         const wt *x = xp, *b = bp;                                                                              \
         wt *y = yp;                                                                                             \
         mask_t tail = make_mask(k % width);                                                                     \
         for (int64_t r = r0; r < r1; r++) {                                                                     \
             const wt *w = (const wt *)wp + r * k;                                                               \
-            vec a0 = zero(), a1 = zero();                                                                       \
+            vec a0[MAX_M], a1[MAX_M];                                                                           \
+            for (int j = 0; j < m; j++) a0[j] = zero(), a1[j] = zero();                                         \
             int64_t i = 0;                                                                                      \
             for (; i + 2 * width <= k; i += 2 * width) {                                                        \
-                a0 = dot(a0, load(w + i), load(x + i));                                                         \
-                a1 = dot(a1, load(w + i + width), load(x + i + width));                                         \
+                wvec w0 = load(w + i), w1 = load(w + i + width);                                                \
+                for (int j = 0; j < m; j++) {                                                                   \
+                    a0[j] = dot(a0[j], w0, load(x + j * k + i));                                                \
+                    a1[j] = dot(a1[j], w1, load(x + j * k + i + width));                                        \
+                }                                                                                               \
             }                                                                                                   \
-            if (i + width <= k) a0 = dot(a0, load(w + i), load(x + i)), i += width;                             \
-            if (i < k) a1 = dot(a1, load_tail(w + i, tail), load_tail(x + i, tail));                            \
-            y[r] = out(sum(a0) + sum(a1), b, r);                                                                \
+            if (i + width <= k) {                                                                               \
+                wvec w0 = load(w + i);                                                                          \
+                for (int j = 0; j < m; j++) a0[j] = dot(a0[j], w0, load(x + j * k + i));                        \
+                i += width;                                                                                     \
+            }                                                                                                   \
+            if (i < k) {                                                                                        \
+                wvec w1 = load_tail(w + i, tail);                                                               \
+                for (int j = 0; j < m; j++) a1[j] = dot(a1[j], w1, load_tail(x + j * k + i, tail));             \
+            }                                                                                                   \
+            for (int j = 0; j < m; j++) y[j * n + r] = out(sum(a0[j]) + sum(a1[j]), b, r);                      \
         }                                                                                                       \
+    }                                                                                                           \
+    __attribute__((target(target_))) static void name(const void *wp, const void *xp, const void *bp, void *yp, \
+                                                      int64_t n, int64_t k, int m, int64_t r0, int64_t r1) {    \
+        if (m == 1) name##_m(wp, xp, bp, yp, n, k, 1, r0, r1);                                                  \
+        else name##_m(wp, xp, bp, yp, n, k, m, r0, r1);                                                         \
     }
 
 /* bf16: 32 per register, `vdpbf16ps` multiplies pairs exactly and adds them to float32 sums */
@@ -86,7 +109,7 @@ __attribute__((target("avx512f,avx512bw"))) static inline __m512i load_tail_bf16
 }
 static inline __mmask32 mask32(int64_t n) { return (__mmask32)((1ull << n) - 1); }
 static inline bf16 out_bf16(float s, const bf16 *b, int64_t r) { return float_to_bf16(b ? s + bf16_to_float(b[r]) : s); }
-ROWS(rows_bf16, "avx512f,avx512bw,avx512bf16", bf16, __m512, 32, _mm512_setzero_ps, dot_bf16, load_bf16,
+ROWS(rows_bf16, "avx512f,avx512bw,avx512bf16", bf16, __m512, __m512i, 32, _mm512_setzero_ps, dot_bf16, load_bf16,
      load_tail_bf16, __mmask32, mask32, sum512, out_bf16)
 
 /* float32: fused multiply-adds, 16 (AVX-512) or 8 (AVX2) per register */
@@ -98,7 +121,7 @@ __attribute__((target("avx512f"))) static inline __m512 load_tail512(const float
     return _mm512_maskz_loadu_ps(m, p);
 }
 static inline __mmask16 mask16(int64_t n) { return (__mmask16)((1u << n) - 1); }
-ROWS(rows_f32_avx512, "avx512f", float, __m512, 16, _mm512_setzero_ps, fma512, _mm512_loadu_ps, load_tail512,
+ROWS(rows_f32_avx512, "avx512f", float, __m512, __m512, 16, _mm512_setzero_ps, fma512, _mm512_loadu_ps, load_tail512,
      __mmask16, mask16, sum512, out_f32)
 
 __attribute__((target("avx2,fma"))) static inline float sum256(__m256 v) {
@@ -113,7 +136,7 @@ __attribute__((target("avx2,fma"))) static inline __m256 fma256(__m256 a, __m256
 __attribute__((target("avx2,fma"))) static inline __m256i mask8(int64_t n) { /* the first n of 8 lanes */
     return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
-ROWS(rows_f32_avx2, "avx2,fma", float, __m256, 8, _mm256_setzero_ps, fma256, _mm256_loadu_ps, _mm256_maskload_ps,
+ROWS(rows_f32_avx2, "avx2,fma", float, __m256, __m256, 8, _mm256_setzero_ps, fma256, _mm256_loadu_ps, _mm256_maskload_ps,
      __m256i, mask8, sum256, out_f32)
 
 /* ---------------------------------------------------------------- threads
@@ -124,17 +147,17 @@ ROWS(rows_f32_avx2, "avx2,fma", float, __m256, 8, _mm256_setzero_ps, fma256, _mm
 static int forked; /* libgomp's threads do not survive fork(): a forked child computes on one thread */
 static void after_fork_in_child(void) { forked = 1; }
 
-static void gemv(rows_fn fn, const void *w, const void *x, const void *b, void *y, int64_t n, int64_t k,
+static void gemv(rows_fn fn, const void *w, const void *x, const void *b, void *y, int64_t n, int64_t k, int m,
                  int threads) {
     if (threads < 2 || forked || n < 32 * threads || n * k < 32768) { /* too small to be worth a parallel region */
-        fn(w, x, b, y, k, 0, n);
+        fn(w, x, b, y, n, k, m, 0, n);
         return;
     }
 #pragma omp parallel num_threads(threads)
     {
         int64_t parts = omp_get_num_threads(), chunk = ((n + parts - 1) / parts + 15) & ~(int64_t)15;
         int64_t r0 = omp_get_thread_num() * chunk, r1 = r0 + chunk < n ? r0 + chunk : n;
-        if (r0 < r1) fn(w, x, b, y, k, r0, r1); /* whole cache lines of output rows per thread */
+        if (r0 < r1) fn(w, x, b, y, n, k, m, r0, r1); /* whole cache lines of output rows per thread */
     }
 }
 
@@ -222,18 +245,20 @@ CLONES static void attend(const void *qkv, const float *cos, const float *sin, i
 
 static int has_bf16, has_avx512, has_avx2;
 
+/* gemv_*(w, x, b, y, n, k, m, threads): y (m, n) = x (m, k) W^T + b, W (n, k), m <= MAX_M */
 static PyObject *call(rows_fn fn, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 7) return PyErr_Format(PyExc_TypeError, "expected 7 arguments (w, x, b, y, n, k, threads)");
+    if (nargs != 8) return PyErr_Format(PyExc_TypeError, "expected 8 arguments (w, x, b, y, n, k, m, threads)");
     void *p[4];
     for (int i = 0; i < 4; i++) {
         p[i] = PyLong_AsVoidPtr(args[i]);
         if (PyErr_Occurred()) return NULL;
     }
     long long n = PyLong_AsLongLong(args[4]), k = PyLong_AsLongLong(args[5]);
-    long threads = PyLong_AsLong(args[6]);
+    long m = PyLong_AsLong(args[6]), threads = PyLong_AsLong(args[7]);
     if (PyErr_Occurred()) return NULL;
-    if (!p[0] || !p[1] || !p[3] || n < 0 || k < 1) return PyErr_Format(PyExc_ValueError, "bad gemv arguments");
-    Py_BEGIN_ALLOW_THREADS gemv(fn, p[0], p[1], p[2], p[3], n, k, (int)threads);
+    if (!p[0] || !p[1] || !p[3] || n < 0 || k < 1 || m < 1 || m > MAX_M)
+        return PyErr_Format(PyExc_ValueError, "bad gemv arguments");
+    Py_BEGIN_ALLOW_THREADS gemv(fn, p[0], p[1], p[2], p[3], n, k, (int)m, (int)threads);
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
@@ -289,8 +314,8 @@ static PyObject *py_supported(PyObject *self, PyObject *unused) {
 }
 
 static PyMethodDef methods[] = {
-    {"gemv_bf16", (PyCFunction)(void (*)(void))py_gemv_bf16, METH_FASTCALL, "y = W x + b in bf16"},
-    {"gemv_f32", (PyCFunction)(void (*)(void))py_gemv_f32, METH_FASTCALL, "y = W x + b in float32"},
+    {"gemv_bf16", (PyCFunction)(void (*)(void))py_gemv_bf16, METH_FASTCALL, "y = x W^T + b in bf16, m rows"},
+    {"gemv_f32", (PyCFunction)(void (*)(void))py_gemv_f32, METH_FASTCALL, "y = x W^T + b in float32, m rows"},
     {"rmsnorm", py_rmsnorm, METH_VARARGS, "RMSNorm of one row"},
     {"attend", py_attend, METH_VARARGS, "attention of one new token over the cache"},
     {"supported", py_supported, METH_NOARGS, "(bf16 gemv, fp32 gemv usable) on this CPU"},

@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from litmodel.cpu_linear import GemvLinear, PackedLinear, fast_linear, kernels
+from litmodel.int4 import Int4Linear
 from litmodel.layers import CausalSelfAttention, KVCache, RMSNorm, apply_rope
 from litmodel.llama import Block, SwiGLU
 from litmodel.quantize import DecodeLinear, swap_modules
@@ -195,14 +196,14 @@ class DecodeAttention(CausalSelfAttention):
 _ZERO = torch.zeros(())  # the ignored input of baddbmm(beta=0)
 
 
-def _parallel(layer: nn.Module, x: torch.Tensor, threads: int) -> torch.Tensor:
-    """``layer(x)`` on ``threads`` threads."""
+def _parallel(fn, x: torch.Tensor, threads: int) -> torch.Tensor:
+    """``fn(x)`` on ``threads`` threads."""
     before = torch.get_num_threads()
     if before == threads:
-        return layer(x)
+        return fn(x)
     torch.set_num_threads(threads)
     try:
-        return layer(x)
+        return fn(x)
     finally:
         torch.set_num_threads(before)
 
@@ -211,7 +212,8 @@ def _linear_fn(layer: nn.Module):
     """``layer`` as a plain function of (x, threads) (no module call for the fast linear layers)."""
     if type(layer) in (GemvLinear, PackedLinear):
         return layer.row
-    return lambda x, threads: _parallel(layer, x, threads)
+    fn = layer.decode if type(layer) is Int4Linear else layer  # its kernel runs on torch's threads
+    return lambda x, threads: _parallel(fn, x, threads)
 
 
 class DecodeBlock(Block):

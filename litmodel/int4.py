@@ -74,6 +74,14 @@ class Int4Linear(nn.Module):
         bias = linear.bias.detach().clone() if linear.bias is not None else None
         self.register_buffer("bias", bias)
 
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` without its reshapes and casts, for the fused decode step (`litmodel.fast_decode.DecodeBlock`):
+        ``x`` (rows, K) in bf16 on CPU."""
+        if x.dtype != ACT_DTYPE or x.device.type != "cpu" or x.dim() != 2:
+            return self(x)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_and_zeros)
+        return y + self.bias if self.bias is not None else y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(ACT_DTYPE)
         if x2.device.type == "cuda":

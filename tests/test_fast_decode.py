@@ -141,7 +141,7 @@ def test_decode_block_same_logits(variant, monkeypatch, kernels):
         for t in range(7, 30):
             tok = torch.tensor([[(3 * t) % 96]])
             a, b = model(tok, torch.tensor([t])), fast(tok, torch.tensor([t]))
-            assert (a - b).abs().max() <= 1e-5 * a.abs().max(), (t, (a - b).abs().max())  # fp32 rounding
+            assert (a - b).abs().max() <= 3e-5 * a.abs().max(), (t, (a - b).abs().max())  # fp32 rounding, 23 steps
     assert any(general) != fused
 
 
@@ -202,13 +202,16 @@ def test_decode_block_threads(kernels):
 # ---- int4 --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_int4_kernel_equals_the_packing_format(group_size):
-    """The fused kernel computes x @ W^T for W = (q - 8) * scale + zero per group, in bf16."""
+    """The fused kernel computes x @ W^T for W = (q - 8) * scale + zero per group, in bf16 (`forward` for any
+    rows; `decode`, the fused decode step's call, for 2-D bf16 rows)."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 48, bias=True)
     q, sz = quantize_groupwise_int4(lin.weight, group_size)
     assert q.min() >= 0 and q.max() <= 15 and sz.shape == (256 // group_size, 48, 2)
     layer = Int4Linear(lin, group_size)
     w_ref = dequantize_int4(q, layer.scales_and_zeros, group_size)  # scales/zeros as stored (bf16)
+    one = torch.randn(3, 256).bfloat16()
+    assert torch.allclose(layer.decode(one).float(), one.float() @ w_ref.t() + lin.bias, rtol=2e-2, atol=2e-2)
     # one-hot rows read single weights out of the packed matrix: the kernel's unpacking is the format's
     eye = torch.eye(256)
     cols = (layer(eye) - layer.bias).float()
