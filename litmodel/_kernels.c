@@ -9,6 +9,7 @@
  *   bf16: AVX512-BF16 dot products (`vdpbf16ps`: bf16 pairs multiplied exactly, summed in float32), the
  *         result rounded to bf16 (to nearest even), as oneDNN does. Needs a CPU with AVX512-BF16.
  *   fp32: AVX-512 or AVX2 + FMA fused multiply-adds.
+ *   int4: groupwise codes (litmodel/int4.py) made bf16 by setting bits, then as bf16. AVX512-BF16.
  *
  * rmsnorm, attend: the small steps between the products of one layer, each one call instead of 4-20 torch ops
  * of ~2 us each (see `DecodeBlock` in litmodel/fast_decode.py, which mirrors them op for op in torch); plain C
@@ -18,8 +19,8 @@
  * pointers, so torch is not needed to build it); litmodel falls back to oneDNN and torch ops without it.
  * Python API (addresses as ints): gemv_bf16(w, x, b, y, n, k, m, threads), gemv_f32(...) for m <= 8 rows of x
  * (b may be 0),
- * rmsnorm(x, w, y, n, eps, is_bf16), attend(...) (see py_attend), supported() -> (bf16 gemv usable, fp32
- * gemv usable) on this CPU. After editing this file, rebuild with `pip install -e .`.
+ * gemv_int4(...) (see py_gemv_int4), rmsnorm(x, w, y, n, eps, is_bf16), attend(...) (see py_attend),
+ * supported() -> (bf16, fp32, int4 gemv usable) on this CPU. After editing this file, rebuild with `pip install -e .`.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -139,6 +140,63 @@ __attribute__((target("avx2,fma"))) static inline __m256i mask8(int64_t n) { /* 
 ROWS(rows_f32_avx2, "avx2,fma", float, __m256, __m256, 8, _mm256_setzero_ps, fma256, _mm256_loadu_ps, _mm256_maskload_ps,
      __m256i, mask8, sum256, out_f32)
 
+/* int4, groupwise (litmodel/int4.py): w = (q - 8) * scale + zero per group of `group` (64, 128 or 256) columns,
+ * q in 0..15. Codes are packed per block of 64 columns: byte j holds column j in its low nibble and column
+ * 32 + j in its high one, so 32 bytes unpack (and, shift) into the codes of columns 0..31 and 32..63 in order.
+ * A code q becomes the bf16 128 + q by setting the bits of 128 (0x4300 | q: exact), so `vdpbf16ps` gives
+ * D = sum((128 + q) x) and, per group, sum(w x) = scale D + (zero - 136 scale) sum(x), with the sums of x per
+ * group computed once per call. Scales and zeros are bf16 (rows, groups, 2), a row's next to its codes. Two
+ * blocks per step into four accumulators: one accumulator would make it latency-bound (~1.4x slower). */
+typedef struct {
+    const bf16 *x;
+    const float *group_sums;
+    const bf16 *scales;
+    int64_t group;
+} int4_x;
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+static inline void dot_block(const uint8_t *codes, const bf16 *x, __m512 *lo_sum, __m512 *hi_sum) {
+    const __m512i low4 = _mm512_set1_epi16(15), one28 = _mm512_set1_epi16(0x4300);
+    __m512i q = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)codes));
+    __m512i lo = _mm512_or_si512(_mm512_and_si512(q, low4), one28), hi = _mm512_or_si512(_mm512_srli_epi16(q, 4), one28);
+    *lo_sum = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)lo, (__m512bh)_mm512_loadu_si512(x));
+    *hi_sum = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)hi, (__m512bh)_mm512_loadu_si512(x + 32));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+static void rows_int4(const void *wp, const void *xp, const void *bp, void *yp, int64_t n, int64_t k, int m,
+                      int64_t r0, int64_t r1) {
+    const int4_x *in = xp; /* one row of x (m == 1) */
+    const bf16 *x = in->x, *b = bp;
+    bf16 *y = yp;
+    int64_t groups = k / in->group, blocks = k / 64, shift = in->group == 64 ? 0 : in->group == 128 ? 1 : 2;
+    (void)n, (void)m;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *codes = (const uint8_t *)wp + r * (k / 2);
+        const bf16 *sz = in->scales + r * groups * 2;
+        __m512 t0 = _mm512_setzero_ps(), t1 = t0, t2 = t0, t3 = t0, l0, h0, l1, h1;
+        int64_t blk = 0;
+        for (; blk + 2 <= blocks; blk += 2) {
+            dot_block(codes + blk * 32, x + blk * 64, &l0, &h0);
+            dot_block(codes + blk * 32 + 32, x + blk * 64 + 64, &l1, &h1);
+            __m512 s0 = _mm512_set1_ps(bf16_to_float(sz[2 * (blk >> shift)]));
+            __m512 s1 = _mm512_set1_ps(bf16_to_float(sz[2 * ((blk + 1) >> shift)]));
+            t0 = _mm512_fmadd_ps(s0, l0, t0), t1 = _mm512_fmadd_ps(s0, h0, t1);
+            t2 = _mm512_fmadd_ps(s1, l1, t2), t3 = _mm512_fmadd_ps(s1, h1, t3);
+        }
+        if (blk < blocks) {
+            dot_block(codes + blk * 32, x + blk * 64, &l0, &h0);
+            __m512 s0 = _mm512_set1_ps(bf16_to_float(sz[2 * (blk >> shift)]));
+            t0 = _mm512_fmadd_ps(s0, l0, t0), t1 = _mm512_fmadd_ps(s0, h0, t1);
+        }
+        float rest[2] = {0, 0};
+        for (int64_t g = 0; g < groups; g++)
+            rest[g & 1] += (bf16_to_float(sz[2 * g + 1]) - 136 * bf16_to_float(sz[2 * g])) * in->group_sums[g];
+        float v = sum512(_mm512_add_ps(_mm512_add_ps(t0, t1), _mm512_add_ps(t2, t3))) + rest[0] + rest[1];
+        y[r] = float_to_bf16(b ? v + bf16_to_float(b[r]) : v);
+    }
+}
+
 /* ---------------------------------------------------------------- threads
  * The rows are split over an OpenMP team. Linked against libgomp.so.1, this module shares the OpenMP runtime
  * torch has loaded (the same soname: the loader reuses it), so its threads are torch's intra-op threads: no
@@ -176,7 +234,8 @@ static inline void store_value(void *p, int64_t i, float v, int is_bf16) {
 
 /* litmodel.layers.RMSNorm of one row: weight * (x * rsqrt(mean(x^2) + eps)), the normalised row rounded to
  * the dtype before the product (as `self.weight * x_f.to(x.dtype)` does) */
-CLONES static void rmsnorm(const void *x, const void *w, void *y, int64_t n, float eps, int is_bf16) {
+static inline __attribute__((always_inline)) void rmsnorm_body(const void *x, const void *w, void *y, int64_t n,
+                                                                float eps, const int is_bf16) {
     float ss = 0;
 #pragma omp simd reduction(+ : ss)
     for (int64_t i = 0; i < n; i++) {
@@ -190,6 +249,12 @@ CLONES static void rmsnorm(const void *x, const void *w, void *y, int64_t n, flo
         store_value(y, i, load_value(w, i, is_bf16) * v, is_bf16);
     }
 }
+CLONES static void rmsnorm_bf16(const void *x, const void *w, void *y, int64_t n, float eps) {
+    rmsnorm_body(x, w, y, n, eps, 1);
+}
+CLONES static void rmsnorm_f32(const void *x, const void *w, void *y, int64_t n, float eps) {
+    rmsnorm_body(x, w, y, n, eps, 0);
+}
 
 /* Attention of one new token of one sequence at cache slot p, over slots lo..p:
  *   qkv (H + 2G) heads of hs values [q heads; k heads; v heads];
@@ -197,9 +262,10 @@ CLONES static void rmsnorm(const void *x, const void *w, void *y, int64_t n, flo
  *   x[i + n/2] sin[i], out[i + n/2] = x[i + n/2] cos[i + n/2] + x[i] sin[i + n/2]) in float32, if n_rot > 0;
  *   k and v written into the caches (G, S, hs) at slot p, k rounded to the cache dtype;
  *   y (H * hs) = softmax(scale q k^T) v per head, query head h reading kv head h / (H / G). */
-CLONES static void attend(const void *qkv, const float *cos, const float *sin, int64_t n_rot, void *k_cache,
-                          void *v_cache, int64_t S, int64_t p, int64_t lo, int64_t H, int64_t G, int64_t hs,
-                          float scale, void *y, int is_bf16, float *scores, float *work) {
+static inline __attribute__((always_inline)) void attend_body(
+    const void *qkv, const float *cos, const float *sin, int64_t n_rot, void *k_cache, void *v_cache, int64_t S,
+    int64_t p, int64_t lo, int64_t H, int64_t G, int64_t hs, float scale, void *y, const int is_bf16, float *scores,
+    float *work) {
     float *q = work, *k = work + H * hs, *acc = work + (H + 1) * hs; /* work: (H + 2) * hs floats */
     int64_t half = n_rot / 2, L = p + 1 - lo;
     for (int64_t h = 0; h < H + G; h++) { /* rotate q heads into q, k heads into the cache */
@@ -241,6 +307,17 @@ CLONES static void attend(const void *qkv, const float *cos, const float *sin, i
     }
 }
 
+/* one compiled body per dtype (a dtype test inside the loops would keep them from being vectorised) */
+#define ATTEND_ARGS                                                                                           \
+    const void *qkv, const float *cos, const float *sin, int64_t n_rot, void *k_cache, void *v_cache, int64_t S, \
+        int64_t p, int64_t lo, int64_t H, int64_t G, int64_t hs, float scale, void *y, float *scores, float *work
+CLONES static void attend_bf16(ATTEND_ARGS) {
+    attend_body(qkv, cos, sin, n_rot, k_cache, v_cache, S, p, lo, H, G, hs, scale, y, 1, scores, work);
+}
+CLONES static void attend_f32(ATTEND_ARGS) {
+    attend_body(qkv, cos, sin, n_rot, k_cache, v_cache, S, p, lo, H, G, hs, scale, y, 0, scores, work);
+}
+
 /* ---------------------------------------------------------------- Python bindings */
 
 static int has_bf16, has_avx512, has_avx2;
@@ -272,6 +349,43 @@ static PyObject *py_gemv_f32(PyObject *self, PyObject *const *args, Py_ssize_t n
     return call(has_avx512 ? rows_f32_avx512 : rows_f32_avx2, args, nargs);
 }
 
+__attribute__((target("avx512f,avx512bw"))) static void group_sums(const bf16 *x, float *sums, int64_t groups,
+                                                                 int64_t group) {
+    for (int64_t g = 0; g < groups; g++) { /* group: a multiple of 64 */
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t i = g * group; i < (g + 1) * group; i += 16)
+            acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(
+                                         _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + i))), 16)));
+        sums[g] = sum512(acc);
+    }
+}
+
+/* gemv_int4(codes, scales, group, x, b, y, n, k, threads): y = W x + b for one row x, W in litmodel's int4 layout
+ * (codes (n, k / 2) uint8, scales (n, k / group, 2) bf16), x, b, y bf16 (b may be 0); see rows_int4 */
+static PyObject *py_gemv_int4(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 9) return PyErr_Format(PyExc_TypeError, "expected 9 arguments");
+    if (!has_bf16) return PyErr_Format(PyExc_RuntimeError, "this CPU has no AVX512-BF16");
+    void *p[6];
+    int at[6] = {0, 1, 3, 4, 5, 5};
+    for (int i = 0; i < 5; i++) {
+        p[i] = PyLong_AsVoidPtr(args[at[i]]);
+        if (PyErr_Occurred()) return NULL;
+    }
+    long long group = PyLong_AsLongLong(args[2]), n = PyLong_AsLongLong(args[6]), k = PyLong_AsLongLong(args[7]);
+    long threads = PyLong_AsLong(args[8]);
+    if (PyErr_Occurred()) return NULL;
+    if (!p[0] || !p[1] || !p[2] || !p[4] || n < 0 || (group != 64 && group != 128 && group != 256) || k % group)
+        return PyErr_Format(PyExc_ValueError, "bad gemv_int4 arguments");
+    float stack[256], *sums = k / group <= 256 ? stack : malloc(k / group * sizeof(float));
+    if (!sums) return PyErr_NoMemory();
+    const bf16 *x = p[2];
+    group_sums(x, sums, k / group, group);
+    int4_x in = {x, sums, p[1], group};
+    Py_BEGIN_ALLOW_THREADS gemv(rows_int4, p[0], &in, p[3], p[4], n, k, 1, (int)threads);
+    Py_END_ALLOW_THREADS if (sums != stack) free(sums);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_rmsnorm(PyObject *self, PyObject *args) {
     unsigned long long x, w, y;
     long long n;
@@ -279,7 +393,7 @@ static PyObject *py_rmsnorm(PyObject *self, PyObject *args) {
     int is_bf16;
     if (!PyArg_ParseTuple(args, "KKKLfp", &x, &w, &y, &n, &eps, &is_bf16)) return NULL;
     if (!x || !w || !y || n < 1) return PyErr_Format(PyExc_ValueError, "bad rmsnorm arguments");
-    rmsnorm((void *)x, (void *)w, (void *)y, n, eps, is_bf16);
+    (is_bf16 ? rmsnorm_bf16 : rmsnorm_f32)((void *)x, (void *)w, (void *)y, n, eps);
     Py_RETURN_NONE;
 }
 
@@ -302,23 +416,25 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
         free(work);
         return PyErr_NoMemory();
     }
-    attend((void *)qkv, (float *)cos, (float *)sin, n_rot, (void *)kc, (void *)vc, S, p, lo, H, G, hs, scale,
-           (void *)y, is_bf16, scores, work);
+    (is_bf16 ? attend_bf16 : attend_f32)((void *)qkv, (float *)cos, (float *)sin, n_rot, (void *)kc, (void *)vc, S,
+                                         p, lo, H, G, hs, scale, (void *)y, scores, work);
     if (scores != stack) free(scores);
     free(work);
     Py_RETURN_NONE;
 }
 
 static PyObject *py_supported(PyObject *self, PyObject *unused) {
-    return Py_BuildValue("(OO)", has_bf16 ? Py_True : Py_False, has_avx2 ? Py_True : Py_False);
+    return Py_BuildValue("(OOO)", has_bf16 ? Py_True : Py_False, has_avx2 ? Py_True : Py_False,
+                         has_bf16 ? Py_True : Py_False);
 }
 
 static PyMethodDef methods[] = {
     {"gemv_bf16", (PyCFunction)(void (*)(void))py_gemv_bf16, METH_FASTCALL, "y = x W^T + b in bf16, m rows"},
     {"gemv_f32", (PyCFunction)(void (*)(void))py_gemv_f32, METH_FASTCALL, "y = x W^T + b in float32, m rows"},
+    {"gemv_int4", (PyCFunction)(void (*)(void))py_gemv_int4, METH_FASTCALL, "y = W x + b, W groupwise int4, bf16"},
     {"rmsnorm", py_rmsnorm, METH_VARARGS, "RMSNorm of one row"},
     {"attend", py_attend, METH_VARARGS, "attention of one new token over the cache"},
-    {"supported", py_supported, METH_NOARGS, "(bf16 gemv, fp32 gemv usable) on this CPU"},
+    {"supported", py_supported, METH_NOARGS, "(bf16, fp32, int4 gemv usable) on this CPU"},
     {NULL, NULL, 0, NULL},
 };
 

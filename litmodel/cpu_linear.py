@@ -27,12 +27,12 @@ from litmodel.precision import native_half_matmul
 try:  # optional: where no C compiler was found at install time, oneDNN's kernels are used instead
     from litmodel import _kernels as kernels
 
-    _bf16_ok, _f32_ok = kernels.supported()
+    _bf16_ok, _f32_ok, INT4_KERNEL = kernels.supported()
     GEMV_KERNELS = {torch.bfloat16: kernels.gemv_bf16} if _bf16_ok else {}
     if _f32_ok:
         GEMV_KERNELS[torch.float32] = kernels.gemv_f32
 except ImportError:  # pragma: no cover - depends on the build
-    kernels, GEMV_KERNELS = None, {}
+    kernels, GEMV_KERNELS, INT4_KERNEL = None, {}, False
 
 
 # up to this many rows (a decode step, a speculative verification) `GemvLinear` uses its kernel, in one pass over
@@ -76,6 +76,26 @@ class GemvLinear(nn.Module):
         kernel(w.data_ptr(), x.data_ptr(), 0 if b is None else b.data_ptr(), y.data_ptr(), self.out_features,
                self.in_features, rows, threads)
         return y
+
+    def decode_fn(self):
+        """`row` for the fused decode step (`litmodel.fast_decode.DecodeBlock`), with the weight, bias and kernel
+        looked up once (module attribute lookups cost ~0.4 us each; the step makes ~120 products)."""
+        w, b, kernel = self.weight.detach(), None if self.bias is None else self.bias.detach(), GEMV_KERNELS.get(
+            self.weight.dtype)
+        if kernel is None or not w.is_contiguous() or (b is not None and not b.is_contiguous()):
+            return self.row
+        w_ptr, b_ptr, n, k, dtype = w.data_ptr(), 0 if b is None else b.data_ptr(), self.out_features, \
+            self.in_features, w.dtype
+
+        def row(x: torch.Tensor, threads: int) -> torch.Tensor:
+            if x.dtype != dtype or x.dim() != 2 or x.size(0) != 1 or not x.is_contiguous():
+                return self.row(x, threads)
+            y = torch.empty(1, n, dtype=dtype)
+            kernel(w_ptr, x.data_ptr(), b_ptr, y.data_ptr(), n, k, 1, threads)
+            return y
+
+        row.tensors = (w, b)  # held by the function: the addresses it uses stay valid
+        return row
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \

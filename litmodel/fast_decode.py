@@ -210,9 +210,13 @@ def _parallel(fn, x: torch.Tensor, threads: int) -> torch.Tensor:
 
 def _linear_fn(layer: nn.Module):
     """``layer`` as a plain function of (x, threads) (no module call for the fast linear layers)."""
-    if type(layer) in (GemvLinear, PackedLinear):
+    if type(layer) is GemvLinear:
+        return layer.decode_fn()
+    if type(layer) is PackedLinear:
         return layer.row
-    fn = layer.decode if type(layer) is Int4Linear else layer  # its kernel runs on torch's threads
+    if type(layer) is Int4Linear and layer.layout == "litmodel":
+        return layer.decode_fn()
+    fn = layer.decode if type(layer) is Int4Linear else layer  # torch's kernel runs on torch's threads
     return lambda x, threads: _parallel(fn, x, threads)
 
 
@@ -245,6 +249,7 @@ class DecodeBlock(Block):
         self.fns = (self.norm_1.row, _linear_fn(a.qkv), _linear_fn(a.proj), self.norm_2.row,
                     _linear_fn(block.mlp.fc), _linear_fn(block.mlp.proj))
         self.cache_views: tuple | None = None  # (cache, keys (G, hs, S), values (G, S, hs), batch 1?)
+        self.norms = (self.norm_1.weight, self.norm_1.eps, self.norm_2.weight, self.norm_2.eps)
 
     @staticmethod
     def fusable(block: nn.Module) -> bool:
@@ -271,8 +276,8 @@ class DecodeBlock(Block):
             return super().forward(x, cos, sin, mask, input_pos)
         threads = torch.get_num_threads()
         if kernels is not None and x.dtype in (torch.bfloat16, torch.float32) and cache.k.dtype == x.dtype \
-                and cache.k.is_contiguous() and cache.v.is_contiguous() and self.norm_1.weight.dtype == x.dtype \
-                and self.norm_2.weight.dtype == x.dtype:
+                and cache.k.is_contiguous() and cache.v.is_contiguous() and self.norms[0].dtype == x.dtype \
+                and self.norms[2].dtype == x.dtype:
             return self.step_native(x, cos, sin, cache, p, lo, threads)
         if threads == 1:
             return self.step_one(x, cos, sin, keys, values, p, lo, 1)
@@ -319,7 +324,8 @@ class DecodeBlock(Block):
         is_bf16, n = x.dtype == torch.bfloat16, x.size(-1)
         x = x.view(1, n)
         h, y = torch.empty_like(x), torch.empty(1, H * hs, dtype=x.dtype)
-        kernels.rmsnorm(x.data_ptr(), self.norm_1.weight.data_ptr(), h.data_ptr(), n, self.norm_1.eps, is_bf16)
+        w_1, eps_1, w_2, eps_2 = self.norms
+        kernels.rmsnorm(x.data_ptr(), w_1.data_ptr(), h.data_ptr(), n, eps_1, is_bf16)
         qkv = qkv_fn(h, threads)
         c = s = None
         if self.use_rope and cos is not None:
@@ -328,7 +334,7 @@ class DecodeBlock(Block):
                        0 if c is None else c.numel(), cache.k.data_ptr(), cache.v.data_ptr(), cache.k.size(2), p, lo,
                        H, G, hs, scale, y.data_ptr(), is_bf16)
         x = x + proj_fn(y, threads)
-        kernels.rmsnorm(x.data_ptr(), self.norm_2.weight.data_ptr(), h.data_ptr(), n, self.norm_2.eps, is_bf16)
+        kernels.rmsnorm(x.data_ptr(), w_2.data_ptr(), h.data_ptr(), n, eps_2, is_bf16)
         gate, up = fc_fn(h, threads).chunk(2, dim=-1)
         return (x + down_fn(F.silu(gate).mul_(up), threads)).view(1, 1, -1)
 
