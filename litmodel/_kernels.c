@@ -349,6 +349,11 @@ static PyObject *py_gemv_f32(PyObject *self, PyObject *const *args, Py_ssize_t n
     return call(has_avx512 ? rows_f32_avx512 : rows_f32_avx2, args, nargs);
 }
 
+static PyObject *py_gemv_f32_avx2(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!has_avx2) return PyErr_Format(PyExc_RuntimeError, "this CPU has no AVX2 + FMA");
+    return call(rows_f32_avx2, args, nargs); /* what an AVX2-only CPU runs: for the tests on AVX-512 machines */
+}
+
 __attribute__((target("avx512f,avx512bw"))) static void group_sums(const bf16 *x, float *sums, int64_t groups,
                                                                  int64_t group) {
     for (int64_t g = 0; g < groups; g++) { /* group: a multiple of 64 */
@@ -431,6 +436,7 @@ static PyObject *py_supported(PyObject *self, PyObject *unused) {
 static PyMethodDef methods[] = {
     {"gemv_bf16", (PyCFunction)(void (*)(void))py_gemv_bf16, METH_FASTCALL, "y = x W^T + b in bf16, m rows"},
     {"gemv_f32", (PyCFunction)(void (*)(void))py_gemv_f32, METH_FASTCALL, "y = x W^T + b in float32, m rows"},
+    {"gemv_f32_avx2", (PyCFunction)(void (*)(void))py_gemv_f32_avx2, METH_FASTCALL, "gemv_f32's AVX2 version"},
     {"gemv_int4", (PyCFunction)(void (*)(void))py_gemv_int4, METH_FASTCALL, "y = W x + b, W groupwise int4, bf16"},
     {"rmsnorm", py_rmsnorm, METH_VARARGS, "RMSNorm of one row"},
     {"attend", py_attend, METH_VARARGS, "attention of one new token over the cache"},

@@ -70,6 +70,8 @@ class GemvLinear(nn.Module):
                 or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
             return F.linear(x, w, b)  # a gradient to compute, or a weight moved since
         if rows > KERNEL_ROWS:  # a prompt
+            if not torch.backends.mkldnn.is_available():
+                return F.linear(x, w, b)
             return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
         x, b = x.contiguous(), None if b is None else b.contiguous()  # held while the kernel runs
         y = torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype)
