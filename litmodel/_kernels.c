@@ -59,7 +59,7 @@ __attribute__((target("avx512f"))) static inline float sum512(__m512 v) { return
  * prefetcher follows best (12-20% faster here than 4 or 8 rows interleaved). Two accumulators per product.
  * Up to MAX_M inputs (x: m rows of k, y: m rows of n) share each pass over the weights (a prompt, a
  * speculative verification); every product is summed in the same order whatever m is, so a row computed
- * alone and in a batch come out the same, bit for bit. `name##_m` is specialised for m = 1 (decode). */
+ * alone and in a batch come out the same, bit for bit. `name##_m` is compiled for each m. */
 #define MAX_M 8
 #define ROWS(name, target_, wt, vec, wvec, width, zero, dot, load, load_tail, mask_t, make_mask, sum, out)           \
     __attribute__((target(target_), always_inline)) static inline void name##_m(                               \
@@ -94,8 +94,16 @@ __attribute__((target("avx512f"))) static inline float sum512(__m512 v) { return
     }                                                                                                           \
     __attribute__((target(target_))) static void name(const void *wp, const void *xp, const void *bp, void *yp, \
                                                       int64_t n, int64_t k, int m, int64_t r0, int64_t r1) {    \
-        if (m == 1) name##_m(wp, xp, bp, yp, n, k, 1, r0, r1);                                                  \
-        else name##_m(wp, xp, bp, yp, n, k, m, r0, r1);                                                         \
+        switch (m) { /* a constant m for each: the accumulators stay in registers */                           \
+        case 1: name##_m(wp, xp, bp, yp, n, k, 1, r0, r1); break;                                               \
+        case 2: name##_m(wp, xp, bp, yp, n, k, 2, r0, r1); break;                                               \
+        case 3: name##_m(wp, xp, bp, yp, n, k, 3, r0, r1); break;                                               \
+        case 4: name##_m(wp, xp, bp, yp, n, k, 4, r0, r1); break;                                               \
+        case 5: name##_m(wp, xp, bp, yp, n, k, 5, r0, r1); break;                                               \
+        case 6: name##_m(wp, xp, bp, yp, n, k, 6, r0, r1); break;                                               \
+        case 7: name##_m(wp, xp, bp, yp, n, k, 7, r0, r1); break;                                               \
+        default: name##_m(wp, xp, bp, yp, n, k, 8, r0, r1);                                                     \
+        }                                                                                                       \
     }
 
 /* bf16: 32 per register, `vdpbf16ps` multiplies pairs exactly and adds them to float32 sums */
@@ -163,14 +171,50 @@ static inline void dot_block(const uint8_t *codes, const bf16 *x, __m512 *lo_sum
     *hi_sum = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)hi, (__m512bh)_mm512_loadu_si512(x + 32));
 }
 
+/* m > 1 rows of x (a speculative verification, a short prompt): each block of codes unpacked once for all rows */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+static void rows_int4_rows(const int4_x *in, const uint8_t *wp, const bf16 *b, bf16 *y, int64_t n, int64_t k, int m,
+                           int64_t r0, int64_t r1) {
+    int64_t groups = k / in->group, blocks = k / 64, shift = in->group == 64 ? 0 : in->group == 128 ? 1 : 2;
+    const __m512i low4 = _mm512_set1_epi16(15), one28 = _mm512_set1_epi16(0x4300);
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *codes = wp + r * (k / 2);
+        const bf16 *sz = in->scales + r * groups * 2;
+        __m512 t_lo[MAX_M], t_hi[MAX_M];
+        for (int j = 0; j < m; j++) t_lo[j] = t_hi[j] = _mm512_setzero_ps();
+        for (int64_t blk = 0; blk < blocks; blk++) {
+            __m512i q = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(codes + blk * 32)));
+            __m512i lo = _mm512_or_si512(_mm512_and_si512(q, low4), one28);
+            __m512i hi = _mm512_or_si512(_mm512_srli_epi16(q, 4), one28);
+            __m512 s = _mm512_set1_ps(bf16_to_float(sz[2 * (blk >> shift)]));
+            for (int j = 0; j < m; j++) {
+                const bf16 *x = in->x + j * k + blk * 64;
+                __m512 l = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)lo, (__m512bh)_mm512_loadu_si512(x));
+                __m512 h = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)hi, (__m512bh)_mm512_loadu_si512(x + 32));
+                t_lo[j] = _mm512_fmadd_ps(s, l, t_lo[j]), t_hi[j] = _mm512_fmadd_ps(s, h, t_hi[j]);
+            }
+        }
+        for (int j = 0; j < m; j++) {
+            float rest = 0;
+            for (int64_t g = 0; g < groups; g++)
+                rest += (bf16_to_float(sz[2 * g + 1]) - 136 * bf16_to_float(sz[2 * g])) * in->group_sums[j * groups + g];
+            float v = sum512(_mm512_add_ps(t_lo[j], t_hi[j])) + rest;
+            y[j * n + r] = float_to_bf16(b ? v + bf16_to_float(b[r]) : v);
+        }
+    }
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 static void rows_int4(const void *wp, const void *xp, const void *bp, void *yp, int64_t n, int64_t k, int m,
                       int64_t r0, int64_t r1) {
-    const int4_x *in = xp; /* one row of x (m == 1) */
+    const int4_x *in = xp;
     const bf16 *x = in->x, *b = bp;
     bf16 *y = yp;
     int64_t groups = k / in->group, blocks = k / 64, shift = in->group == 64 ? 0 : in->group == 128 ? 1 : 2;
-    (void)n, (void)m;
+    if (m > 1) {
+        rows_int4_rows(in, wp, b, y, n, k, m, r0, r1);
+        return;
+    }
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *codes = (const uint8_t *)wp + r * (k / 2);
         const bf16 *sz = in->scales + r * groups * 2;
@@ -365,28 +409,30 @@ __attribute__((target("avx512f,avx512bw"))) static void group_sums(const bf16 *x
     }
 }
 
-/* gemv_int4(codes, scales, group, x, b, y, n, k, threads): y = W x + b for one row x, W in litmodel's int4 layout
- * (codes (n, k / 2) uint8, scales (n, k / group, 2) bf16), x, b, y bf16 (b may be 0); see rows_int4 */
+/* gemv_int4(codes, scales, group, x, b, y, n, k, m, threads): y (m, n) = x (m, k) W^T + b, m <= MAX_M, W in
+ * litmodel's int4 layout (codes (n, k / 2) uint8, scales (n, k / group, 2) bf16), x, b, y bf16 (b may be 0) */
 static PyObject *py_gemv_int4(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 9) return PyErr_Format(PyExc_TypeError, "expected 9 arguments");
+    if (nargs != 10) return PyErr_Format(PyExc_TypeError, "expected 10 arguments");
     if (!has_bf16) return PyErr_Format(PyExc_RuntimeError, "this CPU has no AVX512-BF16");
-    void *p[6];
-    int at[6] = {0, 1, 3, 4, 5, 5};
+    void *p[5];
+    int at[5] = {0, 1, 3, 4, 5};
     for (int i = 0; i < 5; i++) {
         p[i] = PyLong_AsVoidPtr(args[at[i]]);
         if (PyErr_Occurred()) return NULL;
     }
     long long group = PyLong_AsLongLong(args[2]), n = PyLong_AsLongLong(args[6]), k = PyLong_AsLongLong(args[7]);
-    long threads = PyLong_AsLong(args[8]);
+    long m = PyLong_AsLong(args[8]), threads = PyLong_AsLong(args[9]);
     if (PyErr_Occurred()) return NULL;
-    if (!p[0] || !p[1] || !p[2] || !p[4] || n < 0 || (group != 64 && group != 128 && group != 256) || k % group)
+    if (!p[0] || !p[1] || !p[2] || !p[4] || n < 0 || (group != 64 && group != 128 && group != 256) || k % group ||
+        m < 1 || m > MAX_M)
         return PyErr_Format(PyExc_ValueError, "bad gemv_int4 arguments");
-    float stack[256], *sums = k / group <= 256 ? stack : malloc(k / group * sizeof(float));
+    int64_t n_sums = m * (k / group);
+    float stack[1024], *sums = n_sums <= 1024 ? stack : malloc(n_sums * sizeof(float));
     if (!sums) return PyErr_NoMemory();
     const bf16 *x = p[2];
-    group_sums(x, sums, k / group, group);
+    for (int j = 0; j < m; j++) group_sums(x + j * k, sums + j * (k / group), k / group, group);
     int4_x in = {x, sums, p[1], group};
-    Py_BEGIN_ALLOW_THREADS gemv(rows_int4, p[0], &in, p[3], p[4], n, k, 1, (int)threads);
+    Py_BEGIN_ALLOW_THREADS gemv(rows_int4, p[0], &in, p[3], p[4], n, k, (int)m, (int)threads);
     Py_END_ALLOW_THREADS if (sums != stack) free(sums);
     Py_RETURN_NONE;
 }

@@ -21,7 +21,7 @@ On CPUs with AVX512-BF16 and litmodel's C extension built, layers with groups of
 in litmodel's own layout instead (``layout == "litmodel"``: codes (N, K/2) uint8, per block of 64 columns
 byte j = column j | column 32 + j << 4; scales and zeros (N, K/g, 2) bf16, a row's beside its codes) for
 `gemv_int4` in `litmodel/_kernels.c`, ~1.4x faster than torch's kernel for one row here. Up to 8 rows
-(decode, a speculative verification) go through it row by row; longer prompts use the dequantized weight.
+(decode, a speculative verification) share one pass over the codes; longer prompts use the dequantized weight.
 """
 
 from __future__ import annotations
@@ -103,11 +103,9 @@ class Int4Linear(nn.Module):
             return y + self.bias if self.bias is not None else y
         x, b = x.contiguous(), None if self.bias is None else self.bias.to(ACT_DTYPE)  # held while the kernel runs
         y = torch.empty(x.size(0), self.out_features, dtype=ACT_DTYPE)
-        n, k, threads = self.out_features, self.in_features, torch.get_num_threads()
-        for i in range(x.size(0)):  # bf16: 2 bytes a value
-            kernels.gemv_int4(self.weight.data_ptr(), self.scales_and_zeros.data_ptr(), self.group_size,
-                              x.data_ptr() + 2 * k * i, 0 if b is None else b.data_ptr(), y.data_ptr() + 2 * n * i, n,
-                              k, threads)
+        kernels.gemv_int4(self.weight.data_ptr(), self.scales_and_zeros.data_ptr(), self.group_size, x.data_ptr(),
+                          0 if b is None else b.data_ptr(), y.data_ptr(), self.out_features, self.in_features,
+                          x.size(0), torch.get_num_threads())
         return y
 
     def decode_fn(self):
@@ -124,7 +122,7 @@ class Int4Linear(nn.Module):
             if x.dtype != ACT_DTYPE or x.dim() != 2 or x.size(0) != 1 or not x.is_contiguous():
                 return self.decode(x)
             y = torch.empty(1, n, dtype=ACT_DTYPE)
-            kernels.gemv_int4(w, sz, group, x.data_ptr(), bias, y.data_ptr(), n, k, threads)
+            kernels.gemv_int4(w, sz, group, x.data_ptr(), bias, y.data_ptr(), n, k, 1, threads)
             return y
 
         decode.tensors = tensors  # held by the function: the addresses it uses stay valid
