@@ -248,7 +248,7 @@ class DecodeBlock(Block):
         # plain references (module attribute lookups cost ~0.4 us each, ~30 per layer)
         self.fns = (self.norm_1.row, _linear_fn(a.qkv), _linear_fn(a.proj), self.norm_2.row,
                     _linear_fn(block.mlp.fc), _linear_fn(block.mlp.proj))
-        self.cache_views: tuple | None = None  # (cache, keys (G, hs, S), values (G, S, hs), batch 1?)
+        self.cache_views: tuple | None = None  # (cache, keys (G, hs, S), values (G, S, hs), batch 1?, C dtype)
         self.norms = (self.norm_1.weight, self.norm_1.eps, self.norm_2.weight, self.norm_2.eps)
 
     @staticmethod
@@ -269,15 +269,17 @@ class DecodeBlock(Block):
         p = step.position(input_pos)
         lo = step.visible_from(mask, p + 1, self.window)
         views = self.cache_views
-        if views is None or views[0] is not cache:
-            views = self.cache_views = (cache, cache.k[0].transpose(1, 2), cache.v[0], cache.k.size(0) == 1)
-        _, keys, values, one_row = views
+        if views is None or views[0] is not cache:  # a new cache: what this block can do with it, found once
+            k, native_dtype = cache.k, None
+            if kernels is not None and k.dtype in (torch.bfloat16, torch.float32) and k.is_contiguous() \
+                    and cache.v.is_contiguous() and self.norms[0].dtype == k.dtype == self.norms[2].dtype:
+                native_dtype = k.dtype  # step_native for activations of this dtype
+            views = self.cache_views = (cache, k[0].transpose(1, 2), cache.v[0], k.size(0) == 1, native_dtype)
+        _, keys, values, one_row, native_dtype = views
         if lo is None or not one_row:  # a mask (padding), or a cache of several rows
             return super().forward(x, cos, sin, mask, input_pos)
         threads = torch.get_num_threads()
-        if kernels is not None and x.dtype in (torch.bfloat16, torch.float32) and cache.k.dtype == x.dtype \
-                and cache.k.is_contiguous() and cache.v.is_contiguous() and self.norms[0].dtype == x.dtype \
-                and self.norms[2].dtype == x.dtype:
+        if x.dtype == native_dtype:
             return self.step_native(x, cos, sin, cache, p, lo, threads)
         if threads == 1:
             return self.step_one(x, cos, sin, keys, values, p, lo, 1)
