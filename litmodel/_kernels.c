@@ -9,7 +9,6 @@
  *   bf16: AVX512-BF16 dot products (`vdpbf16ps`: bf16 pairs multiplied exactly, summed in float32), the
  *         result rounded to bf16 (to nearest even), as oneDNN does. Needs a CPU with AVX512-BF16.
  *   fp32: AVX-512 or AVX2 + FMA fused multiply-adds.
- *   int4: groupwise codes (litmodel/int4.py) made bf16 by setting bits, then as bf16. AVX512-BF16.
  *
  * rmsnorm, attend: the small steps between the products of one layer, each one call instead of 4-20 torch ops
  * of ~2 us each (see `DecodeBlock` in litmodel/fast_decode.py, which mirrors them op for op in torch); plain C
@@ -19,8 +18,8 @@
  * pointers, so torch is not needed to build it); litmodel falls back to oneDNN and torch ops without it.
  * Python API (addresses as ints): gemv_bf16(w, x, b, y, n, k, m, threads), gemv_f32(...) for m <= 8 rows of x
  * (b may be 0),
- * gemv_int4(...) (see py_gemv_int4), rmsnorm(x, w, y, n, eps, is_bf16), attend(...) (see py_attend),
- * supported() -> (bf16, fp32, int4 gemv usable) on this CPU. After editing this file, rebuild with `pip install -e .`.
+ * rmsnorm(x, w, y, n, eps, is_bf16), attend(...) (see py_attend), supported() -> (bf16 gemv usable, fp32
+ * gemv usable) on this CPU. After editing this file, rebuild with `pip install -e .`.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -147,99 +146,6 @@ __attribute__((target("avx2,fma"))) static inline __m256i mask8(int64_t n) { /* 
 }
 ROWS(rows_f32_avx2, "avx2,fma", float, __m256, __m256, 8, _mm256_setzero_ps, fma256, _mm256_loadu_ps, _mm256_maskload_ps,
      __m256i, mask8, sum256, out_f32)
-
-/* int4, groupwise (litmodel/int4.py): w = (q - 8) * scale + zero per group of `group` (64, 128 or 256) columns,
- * q in 0..15. Codes are packed per block of 64 columns: byte j holds column j in its low nibble and column
- * 32 + j in its high one, so 32 bytes unpack (and, shift) into the codes of columns 0..31 and 32..63 in order.
- * A code q becomes the bf16 128 + q by setting the bits of 128 (0x4300 | q: exact), so `vdpbf16ps` gives
- * D = sum((128 + q) x) and, per group, sum(w x) = scale D + (zero - 136 scale) sum(x), with the sums of x per
- * group computed once per call. Scales and zeros are bf16 (rows, groups, 2), a row's next to its codes. Two
- * blocks per step into four accumulators: one accumulator would make it latency-bound (~1.4x slower). */
-typedef struct {
-    const bf16 *x;
-    const float *group_sums;
-    const bf16 *scales;
-    int64_t group;
-} int4_x;
-
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-static inline void dot_block(const uint8_t *codes, const bf16 *x, __m512 *lo_sum, __m512 *hi_sum) {
-    const __m512i low4 = _mm512_set1_epi16(15), one28 = _mm512_set1_epi16(0x4300);
-    __m512i q = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)codes));
-    __m512i lo = _mm512_or_si512(_mm512_and_si512(q, low4), one28), hi = _mm512_or_si512(_mm512_srli_epi16(q, 4), one28);
-    *lo_sum = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)lo, (__m512bh)_mm512_loadu_si512(x));
-    *hi_sum = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)hi, (__m512bh)_mm512_loadu_si512(x + 32));
-}
-
-/* m > 1 rows of x (a speculative verification, a short prompt): each block of codes unpacked once for all rows */
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-static void rows_int4_rows(const int4_x *in, const uint8_t *wp, const bf16 *b, bf16 *y, int64_t n, int64_t k, int m,
-                           int64_t r0, int64_t r1) {
-    int64_t groups = k / in->group, blocks = k / 64, shift = in->group == 64 ? 0 : in->group == 128 ? 1 : 2;
-    const __m512i low4 = _mm512_set1_epi16(15), one28 = _mm512_set1_epi16(0x4300);
-    for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *codes = wp + r * (k / 2);
-        const bf16 *sz = in->scales + r * groups * 2;
-        __m512 t_lo[MAX_M], t_hi[MAX_M];
-        for (int j = 0; j < m; j++) t_lo[j] = t_hi[j] = _mm512_setzero_ps();
-        for (int64_t blk = 0; blk < blocks; blk++) {
-            __m512i q = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(codes + blk * 32)));
-            __m512i lo = _mm512_or_si512(_mm512_and_si512(q, low4), one28);
-            __m512i hi = _mm512_or_si512(_mm512_srli_epi16(q, 4), one28);
-            __m512 s = _mm512_set1_ps(bf16_to_float(sz[2 * (blk >> shift)]));
-            for (int j = 0; j < m; j++) {
-                const bf16 *x = in->x + j * k + blk * 64;
-                __m512 l = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)lo, (__m512bh)_mm512_loadu_si512(x));
-                __m512 h = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)hi, (__m512bh)_mm512_loadu_si512(x + 32));
-                t_lo[j] = _mm512_fmadd_ps(s, l, t_lo[j]), t_hi[j] = _mm512_fmadd_ps(s, h, t_hi[j]);
-            }
-        }
-        for (int j = 0; j < m; j++) {
-            float rest = 0;
-            for (int64_t g = 0; g < groups; g++)
-                rest += (bf16_to_float(sz[2 * g + 1]) - 136 * bf16_to_float(sz[2 * g])) * in->group_sums[j * groups + g];
-            float v = sum512(_mm512_add_ps(t_lo[j], t_hi[j])) + rest;
-            y[j * n + r] = float_to_bf16(b ? v + bf16_to_float(b[r]) : v);
-        }
-    }
-}
-
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-static void rows_int4(const void *wp, const void *xp, const void *bp, void *yp, int64_t n, int64_t k, int m,
-                      int64_t r0, int64_t r1) {
-    const int4_x *in = xp;
-    const bf16 *x = in->x, *b = bp;
-    bf16 *y = yp;
-    int64_t groups = k / in->group, blocks = k / 64, shift = in->group == 64 ? 0 : in->group == 128 ? 1 : 2;
-    if (m > 1) {
-        rows_int4_rows(in, wp, b, y, n, k, m, r0, r1);
-        return;
-    }
-    for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *codes = (const uint8_t *)wp + r * (k / 2);
-        const bf16 *sz = in->scales + r * groups * 2;
-        __m512 t0 = _mm512_setzero_ps(), t1 = t0, t2 = t0, t3 = t0, l0, h0, l1, h1;
-        int64_t blk = 0;
-        for (; blk + 2 <= blocks; blk += 2) {
-            dot_block(codes + blk * 32, x + blk * 64, &l0, &h0);
-            dot_block(codes + blk * 32 + 32, x + blk * 64 + 64, &l1, &h1);
-            __m512 s0 = _mm512_set1_ps(bf16_to_float(sz[2 * (blk >> shift)]));
-            __m512 s1 = _mm512_set1_ps(bf16_to_float(sz[2 * ((blk + 1) >> shift)]));
-            t0 = _mm512_fmadd_ps(s0, l0, t0), t1 = _mm512_fmadd_ps(s0, h0, t1);
-            t2 = _mm512_fmadd_ps(s1, l1, t2), t3 = _mm512_fmadd_ps(s1, h1, t3);
-        }
-        if (blk < blocks) {
-            dot_block(codes + blk * 32, x + blk * 64, &l0, &h0);
-            __m512 s0 = _mm512_set1_ps(bf16_to_float(sz[2 * (blk >> shift)]));
-            t0 = _mm512_fmadd_ps(s0, l0, t0), t1 = _mm512_fmadd_ps(s0, h0, t1);
-        }
-        float rest[2] = {0, 0};
-        for (int64_t g = 0; g < groups; g++)
-            rest[g & 1] += (bf16_to_float(sz[2 * g + 1]) - 136 * bf16_to_float(sz[2 * g])) * in->group_sums[g];
-        float v = sum512(_mm512_add_ps(_mm512_add_ps(t0, t1), _mm512_add_ps(t2, t3))) + rest[0] + rest[1];
-        y[r] = float_to_bf16(b ? v + bf16_to_float(b[r]) : v);
-    }
-}
 
 /* ---------------------------------------------------------------- threads
  * The rows are split over an OpenMP team. Linked against libgomp.so.1, this module shares the OpenMP runtime
@@ -398,45 +304,6 @@ static PyObject *py_gemv_f32_avx2(PyObject *self, PyObject *const *args, Py_ssiz
     return call(rows_f32_avx2, args, nargs); /* what an AVX2-only CPU runs: for the tests on AVX-512 machines */
 }
 
-__attribute__((target("avx512f,avx512bw"))) static void group_sums(const bf16 *x, float *sums, int64_t groups,
-                                                                 int64_t group) {
-    for (int64_t g = 0; g < groups; g++) { /* group: a multiple of 64 */
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t i = g * group; i < (g + 1) * group; i += 16)
-            acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(
-                                         _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + i))), 16)));
-        sums[g] = sum512(acc);
-    }
-}
-
-/* gemv_int4(codes, scales, group, x, b, y, n, k, m, threads): y (m, n) = x (m, k) W^T + b, m <= MAX_M, W in
- * litmodel's int4 layout (codes (n, k / 2) uint8, scales (n, k / group, 2) bf16), x, b, y bf16 (b may be 0) */
-static PyObject *py_gemv_int4(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 10) return PyErr_Format(PyExc_TypeError, "expected 10 arguments");
-    if (!has_bf16) return PyErr_Format(PyExc_RuntimeError, "this CPU has no AVX512-BF16");
-    void *p[5];
-    int at[5] = {0, 1, 3, 4, 5};
-    for (int i = 0; i < 5; i++) {
-        p[i] = PyLong_AsVoidPtr(args[at[i]]);
-        if (PyErr_Occurred()) return NULL;
-    }
-    long long group = PyLong_AsLongLong(args[2]), n = PyLong_AsLongLong(args[6]), k = PyLong_AsLongLong(args[7]);
-    long m = PyLong_AsLong(args[8]), threads = PyLong_AsLong(args[9]);
-    if (PyErr_Occurred()) return NULL;
-    if (!p[0] || !p[1] || !p[2] || !p[4] || n < 0 || (group != 64 && group != 128 && group != 256) || k % group ||
-        m < 1 || m > MAX_M)
-        return PyErr_Format(PyExc_ValueError, "bad gemv_int4 arguments");
-    int64_t n_sums = m * (k / group);
-    float stack[1024], *sums = n_sums <= 1024 ? stack : malloc(n_sums * sizeof(float));
-    if (!sums) return PyErr_NoMemory();
-    const bf16 *x = p[2];
-    for (int j = 0; j < m; j++) group_sums(x + j * k, sums + j * (k / group), k / group, group);
-    int4_x in = {x, sums, p[1], group};
-    Py_BEGIN_ALLOW_THREADS gemv(rows_int4, p[0], &in, p[3], p[4], n, k, (int)m, (int)threads);
-    Py_END_ALLOW_THREADS if (sums != stack) free(sums);
-    Py_RETURN_NONE;
-}
-
 static PyObject *py_rmsnorm(PyObject *self, PyObject *args) {
     unsigned long long x, w, y;
     long long n;
@@ -475,18 +342,16 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_supported(PyObject *self, PyObject *unused) {
-    return Py_BuildValue("(OOO)", has_bf16 ? Py_True : Py_False, has_avx2 ? Py_True : Py_False,
-                         has_bf16 ? Py_True : Py_False);
+    return Py_BuildValue("(OO)", has_bf16 ? Py_True : Py_False, has_avx2 ? Py_True : Py_False);
 }
 
 static PyMethodDef methods[] = {
     {"gemv_bf16", (PyCFunction)(void (*)(void))py_gemv_bf16, METH_FASTCALL, "y = x W^T + b in bf16, m rows"},
     {"gemv_f32", (PyCFunction)(void (*)(void))py_gemv_f32, METH_FASTCALL, "y = x W^T + b in float32, m rows"},
     {"gemv_f32_avx2", (PyCFunction)(void (*)(void))py_gemv_f32_avx2, METH_FASTCALL, "gemv_f32's AVX2 version"},
-    {"gemv_int4", (PyCFunction)(void (*)(void))py_gemv_int4, METH_FASTCALL, "y = W x + b, W groupwise int4, bf16"},
     {"rmsnorm", py_rmsnorm, METH_VARARGS, "RMSNorm of one row"},
     {"attend", py_attend, METH_VARARGS, "attention of one new token over the cache"},
-    {"supported", py_supported, METH_NOARGS, "(bf16, fp32, int4 gemv usable) on this CPU"},
+    {"supported", py_supported, METH_NOARGS, "(bf16 gemv, fp32 gemv usable) on this CPU"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -27,12 +27,12 @@ from litmodel.precision import native_half_matmul
 try:  # optional: where no C compiler was found at install time, oneDNN's kernels are used instead
     from litmodel import _kernels as kernels
 
-    _bf16_ok, _f32_ok, INT4_KERNEL = kernels.supported()
+    _bf16_ok, _f32_ok = kernels.supported()
     GEMV_KERNELS = {torch.bfloat16: kernels.gemv_bf16} if _bf16_ok else {}
     if _f32_ok:
         GEMV_KERNELS[torch.float32] = kernels.gemv_f32
 except ImportError:  # pragma: no cover - depends on the build
-    kernels, GEMV_KERNELS, INT4_KERNEL = None, {}, False
+    kernels, GEMV_KERNELS = None, {}
 
 
 # up to this many rows (a decode step, a speculative verification) `GemvLinear` uses its kernel, in one pass over

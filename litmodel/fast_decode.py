@@ -214,9 +214,7 @@ def _linear_fn(layer: nn.Module):
         return layer.decode_fn()
     if type(layer) is PackedLinear:
         return layer.row
-    if type(layer) is Int4Linear and layer.layout == "litmodel":
-        return layer.decode_fn()
-    fn = layer.decode if type(layer) is Int4Linear else layer  # torch's kernel runs on torch's threads
+    fn = layer.decode if type(layer) is Int4Linear else layer  # its kernel runs on torch's threads
     return lambda x, threads: _parallel(fn, x, threads)
 
 
@@ -313,7 +311,6 @@ class DecodeBlock(Block):
         # MLP: norm, one gate-and-up product, SiLU(gate) * up, down
         gate, up = fc_fn(norm_2(x), threads).chunk(2, dim=-1)
         return (x + down_fn(F.silu(gate).mul_(up), threads)).view(1, 1, -1)
-
 
     def step_native(self, x, cos, sin, cache: KVCache, p: int, lo: int, threads: int) -> torch.Tensor:
         """`step_one` with its small steps in litmodel's C kernels (`litmodel/_kernels.c`): each norm is one

@@ -16,12 +16,6 @@ reads one row per token; a tied output head gets its own int4 copy).
 
 The kernels need ``out_features % 16 == 0`` and ``in_features % group_size == 0``: other layers keep
 their precision and are named in a log line.
-
-On CPUs with AVX512-BF16 and litmodel's C extension built, layers with groups of 64, 128 or 256 keep the codes
-in litmodel's own layout instead (``layout == "litmodel"``: codes (N, K/2) uint8, per block of 64 columns
-byte j = column j | column 32 + j << 4; scales and zeros (N, K/g, 2) bf16, a row's beside its codes) for
-`gemv_int4` in `litmodel/_kernels.c`, ~1.4x faster than torch's kernel for one row here. Up to 8 rows
-(decode, a speculative verification) share one pass over the codes; longer prompts use the dequantized weight.
 """
 
 from __future__ import annotations
@@ -30,9 +24,7 @@ import logging
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from litmodel.cpu_linear import INT4_KERNEL, kernels
 from litmodel.utils import LitModelError
 
 log = logging.getLogger(__name__)
@@ -73,67 +65,25 @@ class Int4Linear(nn.Module):
                                 f"{self.out_features}x{self.in_features} layer; pick another --int4_group_size")
         q, sz = quantize_groupwise_int4(linear.weight, group_size)
         dev = linear.weight.device
-        self.layout = "litmodel" if dev.type == "cpu" and INT4_KERNEL and group_size in (64, 128, 256) else "torch"
-        if self.layout == "litmodel":  # per 64 columns: byte j = column j | column 32 + j << 4; scales by row
-            blocks = q.reshape(self.out_features, -1, 2, 32)
-            packed = (blocks[:, :, 0] | blocks[:, :, 1] << 4).to(torch.uint8).reshape(self.out_features, -1)
-            sz = sz.transpose(0, 1)
-        elif dev.type == "cuda":  # tinygemm layout (untested here: no GPU)
+        if dev.type == "cuda":  # tinygemm layout (untested here: no GPU)
             packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
         else:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         self.register_buffer("weight", packed)
-        self.register_buffer("scales_and_zeros", sz.to(ACT_DTYPE).contiguous())
+        self.register_buffer("scales_and_zeros", sz.to(ACT_DTYPE))
         bias = linear.bias.detach().clone() if linear.bias is not None else None
         self.register_buffer("bias", bias)
-
-    def dequantized(self) -> torch.Tensor:
-        """The float32 (N, K) weight the layer stands for (litmodel's layout)."""
-        codes = self.weight.reshape(self.out_features, -1, 1, 32)
-        q = torch.cat((codes & 15, codes >> 4), dim=2).reshape(self.out_features, self.in_features)
-        return dequantize_int4(q, self.scales_and_zeros.transpose(0, 1), self.group_size)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """`forward` without its reshapes and casts, for the fused decode step (`litmodel.fast_decode.DecodeBlock`):
         ``x`` (rows, K) in bf16 on CPU."""
-        if x.dtype != ACT_DTYPE or x.device.type != "cpu" or x.dim() != 2 or x.size(0) > 8:
+        if x.dtype != ACT_DTYPE or x.device.type != "cpu" or x.dim() != 2:
             return self(x)
-        if self.layout == "torch":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_and_zeros)
-            return y + self.bias if self.bias is not None else y
-        x, b = x.contiguous(), None if self.bias is None else self.bias.to(ACT_DTYPE)  # held while the kernel runs
-        y = torch.empty(x.size(0), self.out_features, dtype=ACT_DTYPE)
-        kernels.gemv_int4(self.weight.data_ptr(), self.scales_and_zeros.data_ptr(), self.group_size, x.data_ptr(),
-                          0 if b is None else b.data_ptr(), y.data_ptr(), self.out_features, self.in_features,
-                          x.size(0), torch.get_num_threads())
-        return y
-
-    def decode_fn(self):
-        """`decode` as a function of (x, threads) for the fused decode step, with the kernel's arguments looked up
-        once (module attribute lookups cost ~0.4 us each; the step makes ~120 calls)."""
-        if self.layout == "torch":
-            return lambda x, threads: self.decode(x)
-        b = None if self.bias is None else self.bias.to(ACT_DTYPE)
-        tensors = (self.weight, self.scales_and_zeros, b)
-        w, sz, bias = (0 if t is None else t.data_ptr() for t in tensors)
-        group, n, k = self.group_size, self.out_features, self.in_features
-
-        def decode(x: torch.Tensor, threads: int) -> torch.Tensor:
-            if x.dtype != ACT_DTYPE or x.dim() != 2 or x.size(0) != 1 or not x.is_contiguous():
-                return self.decode(x)
-            y = torch.empty(1, n, dtype=ACT_DTYPE)
-            kernels.gemv_int4(w, sz, group, x.data_ptr(), bias, y.data_ptr(), n, k, 1, threads)
-            return y
-
-        decode.tensors = tensors  # held by the function: the addresses it uses stay valid
-        return decode
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_and_zeros)
+        return y + self.bias if self.bias is not None else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(ACT_DTYPE)
-        if self.layout == "litmodel":  # up to 8 rows by the kernel; a prompt by the dequantized weight
-            y = self.decode(x2) if x2.size(0) <= 8 else \
-                F.linear(x2, self.dequantized().to(ACT_DTYPE), None if self.bias is None else self.bias.to(ACT_DTYPE))
-            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         if x2.device.type == "cuda":
             y = torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.group_size, self.scales_and_zeros)
         else:
