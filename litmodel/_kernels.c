@@ -174,6 +174,20 @@ static void gemv(rows_fn fn, const void *w, const void *x, const void *b, void *
 
 #define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 
+/* e^x for x <= 0 (softmax scores minus their maximum), within ~2 ulp, written so that the compiler vectorises it
+ * (glibc's expf is a scalar call): x = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor series to r^7, times 2^n. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;                                   /* e^-87 ~ 1.6e-38: no subnormals */
+    float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;      /* round(x / ln2): 1.5 * 2^23 rounds */
+    float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f; /* ln2 in two parts (Cody-Waite) */
+    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.6666667e-1f + r * (4.1666668e-2f + r * (8.3333338e-3f +
+                                                                   r * (1.3888889e-3f + r * 1.9841270e-4f))))));
+    uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;            /* 2^n */
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
 static inline float load_value(const void *p, int64_t i, int is_bf16) {
     return is_bf16 ? bf16_to_float(((const bf16 *)p)[i]) : ((const float *)p)[i];
 }
@@ -245,7 +259,8 @@ static inline __attribute__((always_inline)) void attend_body(
             scores[s] = d * scale;
             top = scores[s] > top ? scores[s] : top;
         }
-        for (int64_t s = 0; s < L; s++) total += scores[s] = expf(scores[s] - top);
+#pragma omp simd reduction(+ : total)
+        for (int64_t s = 0; s < L; s++) total += scores[s] = exp_nonpositive(scores[s] - top);
         for (int64_t i = 0; i < hs; i++) acc[i] = 0;
         for (int64_t s = 0; s < L; s++) {
             float e = scores[s] / total;
