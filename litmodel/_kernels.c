@@ -229,8 +229,8 @@ CLONES static void rmsnorm_f32(const void *x, const void *w, void *y, int64_t n,
 static inline __attribute__((always_inline)) void attend_body(
     const void *qkv, const float *cos, const float *sin, int64_t n_rot, void *k_cache, void *v_cache, int64_t S,
     int64_t p, int64_t lo, int64_t H, int64_t G, int64_t hs, float scale, void *y, const int is_bf16, float *scores,
-    float *work) {
-    float *q = work, *k = work + H * hs, *acc = work + (H + 1) * hs; /* work: (H + 2) * hs floats */
+    float *work, int threads) {
+    float *q = work, *k = work + H * hs, *accs = work + (H + 1) * hs; /* work: (2 H + 1) * hs floats */
     int64_t half = n_rot / 2, L = p + 1 - lo;
     for (int64_t h = 0; h < H + G; h++) { /* rotate q heads into q, k heads into the cache */
         float *out = h < H ? q + h * hs : k;
@@ -247,23 +247,25 @@ static inline __attribute__((always_inline)) void attend_body(
         for (int64_t i = 0; i < hs; i++)
             store_value(v_cache, (g * S + p) * hs + i, load_value(qkv, (H + G + g) * hs + i, is_bf16), is_bf16);
     int64_t group = H / G;
+    /* heads on several threads only for long contexts (a parallel region costs more than a short head) */
+#pragma omp parallel for num_threads(threads) if (threads > 1 && L >= 512) schedule(static)
     for (int64_t h = 0; h < H; h++) {
         int64_t base = (h / group) * S * hs;
         const float *qh = q + h * hs;
-        float top = -INFINITY, total = 0;
+        float *scores_h = scores + h * L, *acc = accs + h * hs, top = -INFINITY, total = 0;
         for (int64_t s = 0; s < L; s++) {
             float d = 0;
             int64_t at = base + (lo + s) * hs;
 #pragma omp simd reduction(+ : d)
             for (int64_t i = 0; i < hs; i++) d += qh[i] * load_value(k_cache, at + i, is_bf16);
-            scores[s] = d * scale;
-            top = scores[s] > top ? scores[s] : top;
+            scores_h[s] = d * scale;
+            top = scores_h[s] > top ? scores_h[s] : top;
         }
 #pragma omp simd reduction(+ : total)
-        for (int64_t s = 0; s < L; s++) total += scores[s] = exp_nonpositive(scores[s] - top);
+        for (int64_t s = 0; s < L; s++) total += scores_h[s] = exp_nonpositive(scores_h[s] - top);
         for (int64_t i = 0; i < hs; i++) acc[i] = 0;
         for (int64_t s = 0; s < L; s++) {
-            float e = scores[s] / total;
+            float e = scores_h[s] / total;
             int64_t at = base + (lo + s) * hs;
 #pragma omp simd
             for (int64_t i = 0; i < hs; i++) acc[i] += e * load_value(v_cache, at + i, is_bf16);
@@ -275,12 +277,13 @@ static inline __attribute__((always_inline)) void attend_body(
 /* one compiled body per dtype (a dtype test inside the loops would keep them from being vectorised) */
 #define ATTEND_ARGS                                                                                           \
     const void *qkv, const float *cos, const float *sin, int64_t n_rot, void *k_cache, void *v_cache, int64_t S, \
-        int64_t p, int64_t lo, int64_t H, int64_t G, int64_t hs, float scale, void *y, float *scores, float *work
+        int64_t p, int64_t lo, int64_t H, int64_t G, int64_t hs, float scale, void *y, float *scores, float *work,   \
+        int threads
 CLONES static void attend_bf16(ATTEND_ARGS) {
-    attend_body(qkv, cos, sin, n_rot, k_cache, v_cache, S, p, lo, H, G, hs, scale, y, 1, scores, work);
+    attend_body(qkv, cos, sin, n_rot, k_cache, v_cache, S, p, lo, H, G, hs, scale, y, 1, scores, work, threads);
 }
 CLONES static void attend_f32(ATTEND_ARGS) {
-    attend_body(qkv, cos, sin, n_rot, k_cache, v_cache, S, p, lo, H, G, hs, scale, y, 0, scores, work);
+    attend_body(qkv, cos, sin, n_rot, k_cache, v_cache, S, p, lo, H, G, hs, scale, y, 0, scores, work, threads);
 }
 
 /* ---------------------------------------------------------------- Python bindings */
@@ -330,27 +333,32 @@ static PyObject *py_rmsnorm(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* attend(qkv, cos, sin, n_rot, k_cache, v_cache, S, p, lo, H, G, hs, scale, y, is_bf16): see attend() */
+/* attend(qkv, cos, sin, n_rot, k_cache, v_cache, S, p, lo, H, G, hs, scale, y, is_bf16[, threads]): see
+ * attend_body() */
 static PyObject *py_attend(PyObject *self, PyObject *args) {
     unsigned long long qkv, cos, sin, kc, vc, y;
     long long n_rot, S, p, lo, H, G, hs;
     float scale;
-    int is_bf16;
-    if (!PyArg_ParseTuple(args, "KKKLKKLLLLLLfKp", &qkv, &cos, &sin, &n_rot, &kc, &vc, &S, &p, &lo, &H, &G, &hs,
-                          &scale, &y, &is_bf16))
+    int is_bf16, threads = 1;
+    if (!PyArg_ParseTuple(args, "KKKLKKLLLLLLfKp|i", &qkv, &cos, &sin, &n_rot, &kc, &vc, &S, &p, &lo, &H, &G, &hs,
+                          &scale, &y, &is_bf16, &threads))
         return NULL;
     if (!qkv || !kc || !vc || !y || (n_rot && (!cos || !sin)) || n_rot < 0 || n_rot > hs || n_rot % 2 || G < 1 ||
         H % G || p < 0 || p >= S || lo < 0 || lo > p || hs < 1)
         return PyErr_Format(PyExc_ValueError, "bad attend arguments");
-    float stack[4096], *scores = p + 1 - lo <= 4096 ? stack : malloc((p + 1 - lo) * sizeof(float));
-    float *work = malloc((H + 2) * hs * sizeof(float));
+    int64_t n_scores = H * (p + 1 - lo); /* each head's scores over the visible slots */
+    float stack[4096], *scores = n_scores <= 4096 ? stack : malloc(n_scores * sizeof(float));
+    float *work = malloc((2 * H + 1) * hs * sizeof(float));
     if (!scores || !work) {
         if (scores != stack) free(scores);
         free(work);
         return PyErr_NoMemory();
     }
-    (is_bf16 ? attend_bf16 : attend_f32)((void *)qkv, (float *)cos, (float *)sin, n_rot, (void *)kc, (void *)vc, S,
-                                         p, lo, H, G, hs, scale, (void *)y, scores, work);
+    if (forked || threads < 1) threads = 1;
+    Py_BEGIN_ALLOW_THREADS(is_bf16 ? attend_bf16 : attend_f32)((void *)qkv, (float *)cos, (float *)sin, n_rot,
+                                                               (void *)kc, (void *)vc, S, p, lo, H, G, hs, scale,
+                                                               (void *)y, scores, work, threads);
+    Py_END_ALLOW_THREADS
     if (scores != stack) free(scores);
     free(work);
     Py_RETURN_NONE;

@@ -331,7 +331,7 @@ class DecodeBlock(Block):
             c, s = self.step.cos_sin(cos, sin)
         kernels.attend(qkv.data_ptr(), 0 if c is None else c.data_ptr(), 0 if s is None else s.data_ptr(),
                        0 if c is None else c.numel(), cache.k.data_ptr(), cache.v.data_ptr(), cache.k.size(2), p, lo,
-                       H, G, hs, scale, y.data_ptr(), is_bf16)
+                       H, G, hs, scale, y.data_ptr(), is_bf16, threads)
         x = x + proj_fn(y, threads)
         kernels.rmsnorm(x.data_ptr(), w_2.data_ptr(), h.data_ptr(), n, eps_2, is_bf16)
         gate, up = fc_fn(h, threads).chunk(2, dim=-1)

@@ -177,3 +177,20 @@ def test_attend_kernel_equals_reference(dtype, H, G, n_rot, lo):
     ref = torch.einsum("hs,hsd->hd", att, values[kv]).reshape(-1)
     tol = 2 ** -7 if dtype == torch.bfloat16 else 1e-5
     assert ((y.double() - ref).abs() <= tol * ref.abs().max()).all(), (y.double() - ref).abs().max()
+
+
+@needs_c
+def test_attend_on_two_threads_for_long_contexts():
+    """From 512 visible slots the heads are split over threads: the same output, bit for bit, as on one."""
+    torch.manual_seed(0)
+    H, G, hs, S, p = 4, 2, 32, 700, 650
+    qkv = torch.randn(H + 2 * G, hs, dtype=torch.bfloat16)
+    cache = torch.randn(2, G, S, hs, dtype=torch.bfloat16)
+    cos, sin = torch.rand(hs), torch.rand(hs)
+    outs = []
+    for threads in (1, 2):
+        kc, vc, y = cache[0].clone(), cache[1].clone(), torch.empty(H * hs, dtype=torch.bfloat16)
+        cpu_linear.kernels.attend(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), hs, kc.data_ptr(), vc.data_ptr(), S,
+                                  p, 0, H, G, hs, 0.2, y.data_ptr(), True, threads)
+        outs.append(y)
+    assert torch.equal(outs[0], outs[1]) and outs[0].isfinite().all()
