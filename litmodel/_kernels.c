@@ -16,10 +16,10 @@
  *
  * Built by `pip install` as the extension `litmodel._kernels` (plain C, no torch headers: it takes data
  * pointers, so torch is not needed to build it); litmodel falls back to oneDNN and torch ops without it.
- * Python API (addresses as ints): gemv_bf16(w, x, b, y, n, k, m, threads), gemv_f32(...) for m <= 8 rows of x
- * (b may be 0),
- * rmsnorm(x, w, y, n, eps, is_bf16), attend(...) (see py_attend), supported() -> (bf16 gemv usable, fp32
- * gemv usable) on this CPU. After editing this file, rebuild with `pip install -e .`.
+ * Python API (addresses as ints): gemv_bf16(w, x, b, y, n, k, m, threads) and gemv_f32(...) for m <= 8 rows
+ * of x (b may be 0; gemv_f32_avx2 is gemv_f32's AVX2 version, for tests), rmsnorm(x, w, y, n, eps, is_bf16),
+ * attend(...) (see py_attend), supported() -> (bf16 gemv usable, fp32 gemv usable) on this CPU.
+ * After editing this file, rebuild with `pip install -e .`.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
