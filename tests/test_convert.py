@@ -24,7 +24,7 @@ from litmodel.hf import convert_hf_checkpoint, convert_lit_checkpoint, parse_siz
 from litmodel.hf_names import IGNORED_HF_SUFFIXES
 from litmodel.safetensors_io import Step, TensorSource, write_safetensors_stream
 from litmodel.utils import LitModelError, num_parameters
-from tests.helpers import CLI_DRIVER
+from tests.helpers import CLI_DRIVER, perturbed_hf_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -50,12 +50,7 @@ def tiny_hf(kind: str, seed: int = 0, **overrides):
     }[kind]()
     for k, v in overrides.items():
         setattr(cfg, k, v)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model
+    return perturbed_hf_model(cfg, seed)
 
 
 def read_dir_tensors(d: Path) -> dict[str, torch.Tensor]:
