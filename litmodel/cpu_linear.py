@@ -41,6 +41,18 @@ except ImportError:  # pragma: no cover - depends on the build
 KERNEL_ROWS = 8
 
 
+def on_threads(fn, x: torch.Tensor, threads: int) -> torch.Tensor:
+    """``fn(x)`` with torch on ``threads`` threads, the count restored after."""
+    before = torch.get_num_threads()
+    if before == threads:
+        return fn(x)
+    torch.set_num_threads(threads)
+    try:
+        return fn(x)
+    finally:
+        torch.set_num_threads(before)
+
+
 def packable(weight: torch.Tensor) -> bool:
     """Whether oneDNN has a fast kernel for a packed linear of this weight on this machine."""
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
@@ -126,14 +138,7 @@ class PackedLinear(nn.Module):
 
     def row(self, x: torch.Tensor, threads: int) -> torch.Tensor:
         """The product on ``threads`` threads (`DecodeBlock` runs its small torch ops on one)."""
-        before = torch.get_num_threads()
-        if before == threads:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        torch.set_num_threads(threads)
-        try:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        finally:
-            torch.set_num_threads(before)
+        return on_threads(self.forward, x, threads)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \

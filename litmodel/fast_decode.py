@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from litmodel.cpu_linear import GemvLinear, PackedLinear, fast_linear, kernels
+from litmodel.cpu_linear import GemvLinear, PackedLinear, fast_linear, kernels, on_threads
 from litmodel.int4 import Int4Linear
 from litmodel.layers import CausalSelfAttention, KVCache, RMSNorm, apply_rope
 from litmodel.llama import Block, SwiGLU
@@ -196,18 +196,6 @@ class DecodeAttention(CausalSelfAttention):
 _ZERO = torch.zeros(())  # the ignored input of baddbmm(beta=0)
 
 
-def _parallel(fn, x: torch.Tensor, threads: int) -> torch.Tensor:
-    """``fn(x)`` on ``threads`` threads."""
-    before = torch.get_num_threads()
-    if before == threads:
-        return fn(x)
-    torch.set_num_threads(threads)
-    try:
-        return fn(x)
-    finally:
-        torch.set_num_threads(before)
-
-
 def _linear_fn(layer: nn.Module):
     """``layer`` as a plain function of (x, threads) (no module call for the fast linear layers)."""
     if type(layer) is GemvLinear:
@@ -215,7 +203,7 @@ def _linear_fn(layer: nn.Module):
     if type(layer) is PackedLinear:
         return layer.row
     fn = layer.decode if type(layer) is Int4Linear else layer  # its kernel runs on torch's threads
-    return lambda x, threads: _parallel(fn, x, threads)
+    return lambda x, threads: on_threads(fn, x, threads)
 
 
 class DecodeBlock(Block):
