@@ -147,6 +147,141 @@ __attribute__((target("avx2,fma"))) static inline __m256i mask8(int64_t n) { /* 
 ROWS(rows_f32_avx2, "avx2,fma", float, __m256, __m256, 8, _mm256_setzero_ps, fma256, _mm256_loadu_ps, _mm256_maskload_ps,
      __m256i, mask8, sum256, out_f32)
 
+/* int4, groupwise (litmodel/int4.py): w = (q - 8) * scale + zero for codes q in 0..15, one bf16 scale and zero
+ * per `group` (64, 128 or 256) columns of a row. A row's codes are packed per block of 128 columns in 64 bytes
+ * (a last block of 64 columns in 32 bytes where k % 128 == 64), in the order that makes unpacking cheap: the
+ * low nibbles hold the block's first half, the high nibbles its second, and `vpunpck{l,h}bw` with the byte 0x43
+ * turn codes q into the bf16 numbers 128 + q (0x4300 | q, exact) in the columns' order (`pack_int4` in
+ * litmodel/int4.py). So `vdpbf16ps` sums D = sum((128 + q) x) in float32 per 64 columns, and per group
+ * sum(w x) = scale D + (zero - 136 scale) X, with X the group's sum of x (computed once per call).
+ * ~14 instructions per 128 weights: unlike the bf16 and float32 products, this one is bound by arithmetic about
+ * as much as by reading (benchmarks/RESULTS.md). */
+typedef struct {
+    const bf16 *x;           /* m rows of k */
+    const float *group_sums; /* m rows of k / group */
+    const bf16 *scales;      /* n rows of (k / group scales, then k / group zeros) */
+    int64_t group;
+} int4_in;
+
+#define INT4_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+/* D of 64 columns: codes in the 32 low (lo) or high nibbles, unpacked with the bytes c */
+INT4_TARGET static inline __m512 int4_dot64(__m512i codes, __m512i c, const bf16 *x) {
+    __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_unpacklo_epi8(codes, c),
+                                (__m512bh)_mm512_loadu_si512(x));
+    return _mm512_dpbf16_ps(d, (__m512bh)_mm512_unpackhi_epi8(codes, c), (__m512bh)_mm512_loadu_si512(x + 32));
+}
+
+INT4_TARGET static inline __m256 int4_dot32(__m256i codes, __m256i c, const bf16 *x) { /* the same, 32 columns */
+    __m256 d = _mm256_dpbf16_ps(_mm256_setzero_ps(), (__m256bh)_mm256_unpacklo_epi8(codes, c),
+                                (__m256bh)_mm256_loadu_si256((const __m256i *)x));
+    return _mm256_dpbf16_ps(d, (__m256bh)_mm256_unpackhi_epi8(codes, c),
+                            (__m256bh)_mm256_loadu_si256((const __m256i *)(x + 16)));
+}
+
+INT4_TARGET static inline __m512 bf16x16_to_float(const bf16 *p, __mmask16 mask) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
+INT4_TARGET __attribute__((always_inline)) static inline void int4_rows_m(const int4_in *in, const uint8_t *wp,
+                                                                        const bf16 *b, bf16 *y, int64_t n, int64_t k,
+                                                                        const int m, int64_t r0, int64_t r1) {
+    const int64_t groups = k / in->group, blocks = k / 128, shift = in->group == 64 ? 0 : in->group == 128 ? 1 : 2;
+    const __m512i low4 = _mm512_set1_epi8(15), c = _mm512_set1_epi8(0x43);
+    float scale_f[groups + 16]; /* a row's scales in float32: broadcast from memory, no conversion per block */
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *codes = wp + r * (k / 2);
+        const bf16 *scale = in->scales + r * 2 * groups, *zero = scale + groups;
+        __m512 t_lo[MAX_M], t_hi[MAX_M], rest[MAX_M];
+        for (int j = 0; j < m; j++) t_lo[j] = t_hi[j] = rest[j] = _mm512_setzero_ps();
+        for (int64_t g = 0; g < groups; g += 16) { /* the sum over groups of (zero - 136 scale) X, 16 at a time */
+            __mmask16 mask = groups - g >= 16 ? 0xffff : (__mmask16)((1u << (groups - g)) - 1);
+            __m512 s = bf16x16_to_float(scale + g, mask), z = bf16x16_to_float(zero + g, mask);
+            _mm512_storeu_ps(scale_f + g, s);
+            __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), s, z);
+            for (int j = 0; j < m; j++)
+                rest[j] = _mm512_fmadd_ps(offset, _mm512_maskz_loadu_ps(mask, in->group_sums + j * groups + g), rest[j]);
+        }
+        for (int64_t blk = 0; blk < blocks; blk++) { /* 128 columns: 64 in the low nibbles, 64 in the high */
+            __m512i p = _mm512_loadu_si512(codes + blk * 64);
+            __m512i lo = _mm512_and_si512(p, low4), hi = _mm512_and_si512(_mm512_srli_epi16(p, 4), low4);
+            __m512 s_lo = _mm512_set1_ps(scale_f[(2 * blk) >> shift]), s_hi = _mm512_set1_ps(scale_f[(2 * blk + 1) >> shift]);
+            for (int j = 0; j < m; j++) {
+                const bf16 *x = in->x + j * k + blk * 128;
+                t_lo[j] = _mm512_fmadd_ps(s_lo, int4_dot64(lo, c, x), t_lo[j]);
+                t_hi[j] = _mm512_fmadd_ps(s_hi, int4_dot64(hi, c, x + 64), t_hi[j]);
+            }
+        }
+        if (k % 128) { /* the last 64 columns in 32 bytes, the same order on 256-bit registers */
+            const __m256i low4_256 = _mm256_set1_epi8(15), c_256 = _mm256_set1_epi8(0x43);
+            __m256i p = _mm256_loadu_si256((const __m256i *)(codes + blocks * 64));
+            __m256i lo = _mm256_and_si256(p, low4_256), hi = _mm256_and_si256(_mm256_srli_epi16(p, 4), low4_256);
+            __m256 s = _mm256_set1_ps(scale_f[(2 * blocks) >> shift]);
+            for (int j = 0; j < m; j++) {
+                const bf16 *x = in->x + j * k + blocks * 128;
+                __m256 d = _mm256_mul_ps(s, _mm256_add_ps(int4_dot32(lo, c_256, x), int4_dot32(hi, c_256, x + 32)));
+                t_lo[j] = _mm512_add_ps(t_lo[j], _mm512_zextps256_ps512(d));
+            }
+        }
+        for (int j = 0; j < m; j++)
+            y[j * n + r] = out_bf16(sum512(_mm512_add_ps(_mm512_add_ps(t_lo[j], t_hi[j]), rest[j])), b, r);
+    }
+}
+
+INT4_TARGET static void rows_int4(const void *wp, const void *xp, const void *bp, void *yp, int64_t n, int64_t k, int m,
+                                  int64_t r0, int64_t r1) {
+    switch (m) { /* a constant m for each: the accumulators stay in registers */
+    case 1: int4_rows_m(xp, wp, bp, yp, n, k, 1, r0, r1); break;
+    case 2: int4_rows_m(xp, wp, bp, yp, n, k, 2, r0, r1); break;
+    case 3: int4_rows_m(xp, wp, bp, yp, n, k, 3, r0, r1); break;
+    case 4: int4_rows_m(xp, wp, bp, yp, n, k, 4, r0, r1); break;
+    case 5: int4_rows_m(xp, wp, bp, yp, n, k, 5, r0, r1); break;
+    case 6: int4_rows_m(xp, wp, bp, yp, n, k, 6, r0, r1); break;
+    case 7: int4_rows_m(xp, wp, bp, yp, n, k, 7, r0, r1); break;
+    default: int4_rows_m(xp, wp, bp, yp, n, k, 8, r0, r1);
+    }
+}
+
+/* Rows r0..r1-1 of the bf16 weight (n, k) the codes stand for, (q - 8) * scale + zero rounded to bf16: prompts
+ * multiply it with oneDNN */
+INT4_TARGET static void int4_store16(bf16 *out, __m256i words, __m512 scale, __m512 zero) { /* 16 codes 0x4300 | q */
+    __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(words), 16)); /* 128 + q */
+    v = _mm512_fmadd_ps(_mm512_sub_ps(v, _mm512_set1_ps(136.f)), scale, zero);
+    _mm256_storeu_si256((__m256i *)out, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+INT4_TARGET static void rows_int4_dequant(const void *wp, const void *xp, const void *bp, void *yp, int64_t n,
+                                          int64_t k, int m, int64_t r0, int64_t r1) {
+    const int4_in *in = xp;
+    const int64_t groups = k / in->group;
+    const __m512i low4 = _mm512_set1_epi8(15), c = _mm512_set1_epi8(0x43);
+    (void)bp, (void)m, (void)n;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *codes = (const uint8_t *)wp + r * (k / 2);
+        const bf16 *scale = in->scales + r * 2 * groups, *zero = scale + groups;
+        bf16 *out = (bf16 *)yp + r * k;
+        for (int64_t base = 0; base < k; base += 128) {
+            int64_t width = k - base >= 128 ? 128 : 64; /* the unpacked registers hold 32 columns each, in order */
+            __m512i p = width == 128 ? _mm512_loadu_si512(codes + base / 2)
+                                     : _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(codes + base / 2)));
+            __m512i lo = _mm512_and_si512(p, low4), hi = _mm512_and_si512(_mm512_srli_epi16(p, 4), low4);
+            __m512i words[4] = {_mm512_unpacklo_epi8(lo, c), _mm512_unpackhi_epi8(lo, c), _mm512_unpacklo_epi8(hi, c),
+                                _mm512_unpackhi_epi8(hi, c)};
+            for (int u = 0; u < 4; u++) {
+                /* 128 columns: register u holds columns 32u..32u+31 (its 128-bit lanes: 8 each, in order) */
+                /* 64 columns (256-bit halves): register u's low half holds columns 16u..16u+15 */
+                for (int half = 0; half < (width == 128 ? 2 : 1); half++) {
+                    int64_t col = base + (width == 128 ? 32 * u + 16 * half : 16 * u);
+                    __m512 s = _mm512_set1_ps(bf16_to_float(scale[col / in->group]));
+                    __m512 z = _mm512_set1_ps(bf16_to_float(zero[col / in->group]));
+                    __m256i w16 = half ? _mm512_extracti64x4_epi64(words[u], 1) : _mm512_castsi512_si256(words[u]);
+                    int4_store16(out + col, w16, s, z);
+                }
+            }
+        }
+    }
+}
+
 /* ---------------------------------------------------------------- threads
  * The rows are split over an OpenMP team. Linked against libgomp.so.1, this module shares the OpenMP runtime
  * torch has loaded (the same soname: the loader reuses it), so its threads are torch's intra-op threads: no
@@ -322,6 +457,50 @@ static PyObject *py_gemv_f32_avx2(PyObject *self, PyObject *const *args, Py_ssiz
     return call(rows_f32_avx2, args, nargs); /* what an AVX2-only CPU runs: for the tests on AVX-512 machines */
 }
 
+/* gemv_int4(w, scales, group, x, b, y, n, k, m, threads): y (m, n) = x (m, k) W^T + b, W in int4 (see int4_in);
+ * int4_dequant(w, scales, group, out, n, k, threads): out (n, k) = W in bf16 */
+static PyObject *int4_call(int dequant, PyObject *const *args, Py_ssize_t nargs) {
+    Py_ssize_t want = dequant ? 7 : 10;
+    if (nargs != want) return PyErr_Format(PyExc_TypeError, "expected %zd arguments", want);
+    if (!has_bf16) return PyErr_Format(PyExc_RuntimeError, "this CPU has no AVX512-BF16");
+    int at[5] = {0, 1, 3, 4, 5}, n_ptrs = dequant ? 3 : 5;
+    void *p[5] = {0};
+    for (int i = 0; i < n_ptrs; i++) {
+        p[i] = PyLong_AsVoidPtr(args[at[i]]);
+        if (PyErr_Occurred()) return NULL;
+    }
+    long long group = PyLong_AsLongLong(args[2]), n = PyLong_AsLongLong(args[dequant ? 4 : 6]),
+              k = PyLong_AsLongLong(args[dequant ? 5 : 7]);
+    long m = dequant ? 1 : PyLong_AsLong(args[8]), threads = PyLong_AsLong(args[dequant ? 6 : 9]);
+    if (PyErr_Occurred()) return NULL;
+    void *w = p[0], *x = dequant ? NULL : p[2], *b = dequant ? NULL : p[3], *y = dequant ? p[2] : p[4];
+    if (!w || !p[1] || !y || (!dequant && !x) || n < 0 || (group != 64 && group != 128 && group != 256) ||
+        k < 64 || k % group || k % 64 || m < 1 || m > MAX_M)
+        return PyErr_Format(PyExc_ValueError, "bad int4 arguments");
+    int4_in in = {x, NULL, p[1], group};
+    int64_t groups = k / group, n_sums = dequant ? 0 : m * groups;
+    float stack[1024], *sums = n_sums <= 1024 ? stack : malloc(n_sums * sizeof(float));
+    if (!sums) return PyErr_NoMemory();
+    for (int64_t i = 0; i < n_sums; i++) { /* each group's sum of x, in order */
+        const bf16 *xs = (const bf16 *)x + i * group;
+        float s = 0;
+        for (int64_t c = 0; c < group; c++) s += bf16_to_float(xs[c]);
+        sums[i] = s;
+    }
+    in.group_sums = sums;
+    Py_BEGIN_ALLOW_THREADS gemv(dequant ? rows_int4_dequant : rows_int4, w, &in, b, y, n, k, (int)m, (int)threads);
+    Py_END_ALLOW_THREADS if (sums != stack) free(sums);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_gemv_int4(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return int4_call(0, args, nargs);
+}
+
+static PyObject *py_int4_dequant(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return int4_call(1, args, nargs);
+}
+
 static PyObject *py_rmsnorm(PyObject *self, PyObject *args) {
     unsigned long long x, w, y;
     long long n;
@@ -372,6 +551,8 @@ static PyMethodDef methods[] = {
     {"gemv_bf16", (PyCFunction)(void (*)(void))py_gemv_bf16, METH_FASTCALL, "y = x W^T + b in bf16, m rows"},
     {"gemv_f32", (PyCFunction)(void (*)(void))py_gemv_f32, METH_FASTCALL, "y = x W^T + b in float32, m rows"},
     {"gemv_f32_avx2", (PyCFunction)(void (*)(void))py_gemv_f32_avx2, METH_FASTCALL, "gemv_f32's AVX2 version"},
+    {"gemv_int4", (PyCFunction)(void (*)(void))py_gemv_int4, METH_FASTCALL, "y = x W^T + b, W in int4, m rows"},
+    {"int4_dequant", (PyCFunction)(void (*)(void))py_int4_dequant, METH_FASTCALL, "the bf16 weight of int4 codes"},
     {"rmsnorm", py_rmsnorm, METH_VARARGS, "RMSNorm of one row"},
     {"attend", py_attend, METH_VARARGS, "attention of one new token over the cache"},
     {"supported", py_supported, METH_NOARGS, "(bf16 gemv, fp32 gemv usable) on this CPU"},

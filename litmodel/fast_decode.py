@@ -202,6 +202,8 @@ def _linear_fn(layer: nn.Module):
         return layer.decode_fn()
     if type(layer) is PackedLinear:
         return layer.row
+    if type(layer) is Int4Linear and layer.layout == "litmodel":
+        return layer.decode_fn()
     fn = layer.decode if type(layer) is Int4Linear else layer  # its kernel runs on torch's threads
     return lambda x, threads: on_threads(fn, x, threads)
 

@@ -19,7 +19,8 @@ from litmodel.generate import generate, generate_batch
 from litmodel.generation_cli import model_bytes
 from litmodel.generation_setup import prepare_model
 from litmodel.llama import Block
-from litmodel.int4 import Int4Linear, dequantize_int4, quantize_groupwise_int4, quantize_int4
+from litmodel import int4
+from litmodel.int4 import Int4Linear, dequantize_int4, quantize_groupwise_int4, quantize_int4, unpack_int4
 from litmodel.speculative import SpeculativeStats, accept_or_resample, check_draft, speculative_generate
 from litmodel.utils import LitModelError
 
@@ -202,23 +203,43 @@ def test_decode_block_threads(kernels):
 
 
 # ---- int4 --------------------------------------------------------------------------------------------------
+@pytest.fixture(params=["litmodel", "torch-cpu"])
+def int4_layout(request, monkeypatch):
+    """Int4Linear with litmodel's layout and C kernel, and with torch's (the fallback without the C kernels)."""
+    if request.param == "litmodel" and not int4.C_KERNEL:
+        pytest.skip("litmodel's int4 kernel is not built or this CPU has no AVX512-BF16")
+    monkeypatch.setattr(int4, "C_KERNEL", request.param == "litmodel")
+    return request.param
+
+
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_int4_kernel_equals_the_packing_format(group_size):
+@pytest.mark.parametrize("in_features", [256, 320])
+def test_int4_kernel_equals_the_packing_format(group_size, in_features, int4_layout):
     """The fused kernel computes x @ W^T for W = (q - 8) * scale + zero per group, in bf16 (`forward` for any
-    rows; `decode`, the fused decode step's call, for 2-D bf16 rows)."""
+    rows; `decode`, the fused decode step's call, for 2-D bf16 rows; prompts of > 8 rows)."""
+    if in_features % group_size:
+        pytest.skip("in_features not a multiple of the group")
     torch.manual_seed(0)
-    lin = torch.nn.Linear(256, 48, bias=True)
+    lin = torch.nn.Linear(in_features, 48, bias=True)
     q, sz = quantize_groupwise_int4(lin.weight, group_size)
-    assert q.min() >= 0 and q.max() <= 15 and sz.shape == (256 // group_size, 48, 2)
+    assert q.min() >= 0 and q.max() <= 15 and sz.shape == (in_features // group_size, 48, 2)
     layer = Int4Linear(lin, group_size)
-    w_ref = dequantize_int4(q, layer.scales_and_zeros, group_size)  # scales/zeros as stored (bf16)
-    one = torch.randn(3, 256).bfloat16()
-    assert torch.allclose(layer.decode(one).float(), one.float() @ w_ref.t() + lin.bias, rtol=2e-2, atol=2e-2)
+    assert layer.layout == (int4_layout if group_size >= 64 else "torch-cpu")
+    if layer.layout == "litmodel":  # the codes as packed, read back by a plain reference of the layout
+        assert layer.weight.dtype == torch.uint8 and torch.equal(unpack_int4(layer.weight), q)
+        assert torch.equal(layer.scales_and_zeros.permute(2, 0, 1), sz.bfloat16())
+    w_ref = dequantize_int4(q, sz.bfloat16(), group_size)  # scales/zeros rounded to bf16, as stored
+    assert torch.allclose(layer.dequantized(), w_ref, rtol=1e-2, atol=1e-3)
+    for rows in (1, 3, 8, 20):  # one pass of the one-row kernel up to 8 rows, longer prompts otherwise
+        x = torch.randn(rows, in_features).bfloat16()
+        ref = x.double() @ w_ref.double().t() + lin.bias.double()
+        out = layer.decode(x)
+        assert out.dtype == torch.float32  # the bias is float32 here
+        assert ((out - ref).abs() <= 1e-2 * ref.abs() + 1e-2).all(), (out - ref).abs().max()
     # one-hot rows read single weights out of the packed matrix: the kernel's unpacking is the format's
-    eye = torch.eye(256)
-    cols = (layer(eye) - layer.bias).float()
+    cols = (layer(torch.eye(in_features)) - layer.bias).float()
     assert torch.allclose(cols, w_ref.t().bfloat16().float(), rtol=1e-2, atol=1e-3)
-    x = torch.randn(5, 256)
+    x = torch.randn(5, in_features)
     ref = x.bfloat16().float() @ w_ref.t() + lin.bias
     out = layer(x)
     assert out.dtype == torch.float32

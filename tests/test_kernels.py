@@ -194,3 +194,49 @@ def test_attend_on_two_threads_for_long_contexts():
                                   p, 0, H, G, hs, 0.2, y.data_ptr(), True, threads)
         outs.append(y)
     assert torch.equal(outs[0], outs[1]) and outs[0].isfinite().all()
+
+
+# ---- int4 (litmodel's layout, `litmodel.int4.pack_int4`) ------------------------------------------------------
+needs_int4 = pytest.mark.skipif(not (cpu_linear.kernels and torch.bfloat16 in KERNELS),
+                                reason="litmodel's int4 kernel needs the C kernels and AVX512-BF16")
+
+
+@needs_int4
+@pytest.mark.parametrize("group", [64, 128, 256])
+@pytest.mark.parametrize("n,k", [(16, 256), (48, 320), (130, 576), (2048, 1536)])
+def test_int4_kernel_equals_reference(group, n, k):
+    """gemv_int4 against float64 sums of the weights the codes stand for: groups of 64-256, rows of whole blocks
+    of 128 columns and with a last block of 64, 1-3 threads, bias; 1-8 rows in one pass each equal, bit for bit,
+    to the row alone; int4_dequant gives those weights rounded to bf16."""
+    from litmodel.int4 import dequantize_int4, pack_int4, quantize_groupwise_int4
+
+    if k % group:
+        pytest.skip("k not a multiple of the group")
+    torch.manual_seed(n + k + group)
+    q, sz = quantize_groupwise_int4(torch.randn(n, k), group)
+    sz = sz.bfloat16()
+    w = dequantize_int4(q, sz, group)
+    packed, scales = pack_int4(q), sz.permute(1, 2, 0).contiguous()
+    b = torch.randn(n, dtype=torch.bfloat16)
+
+    def run(x, bias, threads):
+        y = torch.empty(x.size(0), n, dtype=torch.bfloat16)
+        cpu_linear.kernels.gemv_int4(packed.data_ptr(), scales.data_ptr(), group, x.data_ptr(),
+                                     0 if bias is None else bias.data_ptr(), y.data_ptr(), n, k, x.size(0), threads)
+        return y
+
+    xs = torch.randn(8, k, dtype=torch.bfloat16)
+    for threads in (1, 2, 3):
+        for bias in (None, b):
+            y = run(xs[:1], bias, threads)[0].double()
+            ref = w.double() @ xs[0].double() + (0 if bias is None else bias.double())
+            scale = (w.double().abs() @ xs[0].double().abs()).max().item()
+            assert ((y - ref).abs() <= 2 ** -8 * ref.abs() + 1e-5 * scale).all()  # one bf16 rounding
+    for m in range(2, 9):
+        assert torch.equal(run(xs[:m], b, 2), torch.cat([run(xs[i:i + 1], b, 2) for i in range(m)]))
+    out = torch.empty(n, k, dtype=torch.bfloat16)
+    cpu_linear.kernels.int4_dequant(packed.data_ptr(), scales.data_ptr(), group, out.data_ptr(), n, k, 2)
+    assert ((out.float() - w).abs() <= 2 ** -8 * w.abs()).all()  # each weight rounded to bf16
+    with pytest.raises(ValueError, match="bad int4 arguments"):
+        cpu_linear.kernels.gemv_int4(packed.data_ptr(), scales.data_ptr(), 32, xs.data_ptr(), 0, out.data_ptr(), n,
+                                     k, 1, 1)  # groups of 32: torch's kernel takes those
