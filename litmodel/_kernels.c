@@ -287,6 +287,7 @@ INT4_TARGET static void rows_int4_dequant(const void *wp, const void *xp, const 
  * torch has loaded (the same soname: the loader reuses it), so its threads are torch's intra-op threads: no
  * second pool competing for the cores, and they are awake when a decode step calls in. */
 
+static int has_bf16, has_avx512, has_avx2; /* what this CPU has (set at import) */
 static int forked; /* libgomp's threads do not survive fork(): a forked child computes on one thread */
 static void after_fork_in_child(void) { forked = 1; }
 
@@ -421,9 +422,89 @@ CLONES static void attend_f32(ATTEND_ARGS) {
     attend_body(qkv, cos, sin, n_rot, k_cache, v_cache, S, p, lo, H, G, hs, scale, y, 0, scores, work, threads);
 }
 
-/* ---------------------------------------------------------------- Python bindings */
+/* ---------------------------------------------------------------- one decoder layer of one token
+ * A Llama block (`DecodeBlock` in litmodel/fast_decode.py) for one new token, in one call: the ~40 Python and
+ * torch calls of a layer cost ~45 us here, ~2x its attention, ~1/3 of an int4 layer's products. Each step is
+ * what the torch version computes, rounded where it rounds:
+ *   h = rmsnorm_1(x); qkv = W_qkv h (+ b); y = attend(qkv); mid = x + (W_proj y (+ b));
+ *   h = rmsnorm_2(mid); [gate, up] = W_fc h (+ b); g = silu(gate) * up; out = mid + (W_down g (+ b)).
+ * The plan (int64s, built once per layer and cache by `DecodeBlock.native_plan`) holds the sizes, the
+ * addresses of weights, caches and scratch buffers, and per product (kind, weight, int4 scales, group, bias,
+ * rows, columns). */
+enum { LIN_BF16 = 0, LIN_F32 = 1, LIN_INT4 = 2 };
+enum { P_IS_BF16, P_N, P_H, P_G, P_HS, P_S, P_K_CACHE, P_V_CACHE, P_NORM_1, P_NORM_2, P_H_BUF, P_QKV_BUF, P_Y_BUF,
+       P_MID_BUF, P_FC_BUF, P_G_BUF, P_T_BUF, P_SCORES, P_WORK, P_INTER, P_QKV, P_PROJ = P_QKV + 7,
+       P_FC = P_PROJ + 7, P_DOWN = P_FC + 7, P_LEN = P_DOWN + 7 };
 
-static int has_bf16, has_avx512, has_avx2;
+static void group_sums(const void *x, int64_t n_sums, int64_t group, float *sums) { /* each group's sum of x */
+    for (int64_t i = 0; i < n_sums; i++) {
+        const bf16 *xs = (const bf16 *)x + i * group;
+        float s = 0;
+        for (int64_t c = 0; c < group; c++) s += bf16_to_float(xs[c]);
+        sums[i] = s;
+    }
+}
+
+static void product(const int64_t *pr, const void *x, void *y, int threads) { /* y = W x (+ b), one row */
+    const void *w = (const void *)pr[1], *b = (const void *)pr[4];
+    int64_t n = pr[5], k = pr[6];
+    if (pr[0] == LIN_INT4) {
+        float sums[k / 64 + 1];
+        group_sums(x, k / pr[3], pr[3], sums);
+        int4_in in = {x, sums, (const bf16 *)pr[2], pr[3]};
+        gemv(rows_int4, w, &in, b, y, n, k, 1, threads);
+    } else {
+        gemv(pr[0] == LIN_BF16 ? rows_bf16 : has_avx512 ? rows_f32_avx512 : rows_f32_avx2, w, x, b, y, n, k, 1, threads);
+    }
+}
+
+static inline float silu(float v) { /* v / (1 + e^-v), with e^ of a non-positive number either way */
+    float e = exp_nonpositive(v < 0 ? v : -v);
+    return v < 0 ? v * e / (1.0f + e) : v / (1.0f + e);
+}
+
+static inline __attribute__((always_inline)) void add_body(const void *a, const void *b, void *out, int64_t n,
+                                                            const int is_bf16) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) store_value(out, i, load_value(a, i, is_bf16) + load_value(b, i, is_bf16), is_bf16);
+}
+CLONES static void add_bf16(const void *a, const void *b, void *out, int64_t n) { add_body(a, b, out, n, 1); }
+CLONES static void add_f32(const void *a, const void *b, void *out, int64_t n) { add_body(a, b, out, n, 0); }
+
+/* g = silu(gate) * up (F.silu(gate).mul_(up): silu rounded to the dtype, then the product) */
+static inline __attribute__((always_inline)) void swiglu_body(const void *gate_up, void *g, int64_t n,
+                                                               const int is_bf16) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) {
+        float s = silu(load_value(gate_up, i, is_bf16));
+        if (is_bf16) s = bf16_to_float(float_to_bf16(s));
+        store_value(g, i, s * load_value(gate_up, n + i, is_bf16), is_bf16);
+    }
+}
+CLONES static void swiglu_bf16(const void *gate_up, void *g, int64_t n) { swiglu_body(gate_up, g, n, 1); }
+CLONES static void swiglu_f32(const void *gate_up, void *g, int64_t n) { swiglu_body(gate_up, g, n, 0); }
+
+static void decode_layer(const int64_t *P, const double *eps_scale, const void *x, void *out, const float *cos,
+                         const float *sin, int64_t n_rot, int64_t p, int64_t lo, int threads) {
+    int is_bf16 = (int)P[P_IS_BF16];
+    int64_t n = P[P_N];
+    void *h = (void *)P[P_H_BUF], *qkv = (void *)P[P_QKV_BUF], *y = (void *)P[P_Y_BUF], *mid = (void *)P[P_MID_BUF];
+    void *fc = (void *)P[P_FC_BUF], *g = (void *)P[P_G_BUF], *t = (void *)P[P_T_BUF];
+    (is_bf16 ? rmsnorm_bf16 : rmsnorm_f32)(x, (const void *)P[P_NORM_1], h, n, (float)eps_scale[0]);
+    product(P + P_QKV, h, qkv, threads);
+    (is_bf16 ? attend_bf16 : attend_f32)(qkv, cos, sin, n_rot, (void *)P[P_K_CACHE], (void *)P[P_V_CACHE], P[P_S], p,
+                                         lo, P[P_H], P[P_G], P[P_HS], (float)eps_scale[2], y, (float *)P[P_SCORES],
+                                         (float *)P[P_WORK], threads);
+    product(P + P_PROJ, y, t, threads);
+    (is_bf16 ? add_bf16 : add_f32)(x, t, mid, n);
+    (is_bf16 ? rmsnorm_bf16 : rmsnorm_f32)(mid, (const void *)P[P_NORM_2], h, n, (float)eps_scale[1]);
+    product(P + P_FC, h, fc, threads);
+    (is_bf16 ? swiglu_bf16 : swiglu_f32)(fc, g, P[P_INTER]);
+    product(P + P_DOWN, g, t, threads);
+    (is_bf16 ? add_bf16 : add_f32)(mid, t, out, n);
+}
+
+/* ---------------------------------------------------------------- Python bindings */
 
 /* gemv_*(w, x, b, y, n, k, m, threads): y (m, n) = x (m, k) W^T + b, W (n, k), m <= MAX_M */
 static PyObject *call(rows_fn fn, PyObject *const *args, Py_ssize_t nargs) {
@@ -481,12 +562,7 @@ static PyObject *int4_call(int dequant, PyObject *const *args, Py_ssize_t nargs)
     int64_t groups = k / group, n_sums = dequant ? 0 : m * groups;
     float stack[1024], *sums = n_sums <= 1024 ? stack : malloc(n_sums * sizeof(float));
     if (!sums) return PyErr_NoMemory();
-    for (int64_t i = 0; i < n_sums; i++) { /* each group's sum of x, in order */
-        const bf16 *xs = (const bf16 *)x + i * group;
-        float s = 0;
-        for (int64_t c = 0; c < group; c++) s += bf16_to_float(xs[c]);
-        sums[i] = s;
-    }
+    group_sums(x, n_sums, group, sums);
     in.group_sums = sums;
     Py_BEGIN_ALLOW_THREADS gemv(dequant ? rows_int4_dequant : rows_int4, w, &in, b, y, n, k, (int)m, (int)threads);
     Py_END_ALLOW_THREADS if (sums != stack) free(sums);
@@ -543,6 +619,30 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* decode_layer(plan, eps_scale, x, out, cos, sin, n_rot, p, lo, threads): see decode_layer() */
+static PyObject *py_decode_layer(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 10) return PyErr_Format(PyExc_TypeError, "expected 10 arguments");
+    void *ptr[6];
+    for (int i = 0; i < 6; i++) {
+        ptr[i] = PyLong_AsVoidPtr(args[i]);
+        if (PyErr_Occurred()) return NULL;
+    }
+    long long n_rot = PyLong_AsLongLong(args[6]), p = PyLong_AsLongLong(args[7]), lo = PyLong_AsLongLong(args[8]);
+    long threads = PyLong_AsLong(args[9]);
+    if (PyErr_Occurred()) return NULL;
+    const int64_t *P = ptr[0];
+    if (!P || !ptr[1] || !ptr[2] || !ptr[3] || (n_rot && (!ptr[4] || !ptr[5])) || n_rot < 0 || n_rot > P[P_HS] ||
+        n_rot % 2 || p < 0 || p >= P[P_S] || lo < 0 || lo > p)
+        return PyErr_Format(PyExc_ValueError, "bad decode_layer arguments");
+    if ((P[P_IS_BF16] || P[P_QKV] == LIN_INT4) && !has_bf16)
+        return PyErr_Format(PyExc_RuntimeError, "this CPU has no AVX512-BF16");
+    if (forked || threads < 1) threads = 1;
+    Py_BEGIN_ALLOW_THREADS decode_layer(P, ptr[1], ptr[2], ptr[3], ptr[4], ptr[5], n_rot, p, lo, (int)threads);
+    Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
+static PyObject *py_layer_plan_size(PyObject *self, PyObject *unused) { return PyLong_FromLong(P_LEN); }
+
 static PyObject *py_supported(PyObject *self, PyObject *unused) {
     return Py_BuildValue("(OO)", has_bf16 ? Py_True : Py_False, has_avx2 ? Py_True : Py_False);
 }
@@ -553,6 +653,8 @@ static PyMethodDef methods[] = {
     {"gemv_f32_avx2", (PyCFunction)(void (*)(void))py_gemv_f32_avx2, METH_FASTCALL, "gemv_f32's AVX2 version"},
     {"gemv_int4", (PyCFunction)(void (*)(void))py_gemv_int4, METH_FASTCALL, "y = x W^T + b, W in int4, m rows"},
     {"int4_dequant", (PyCFunction)(void (*)(void))py_int4_dequant, METH_FASTCALL, "the bf16 weight of int4 codes"},
+    {"decode_layer", (PyCFunction)(void (*)(void))py_decode_layer, METH_FASTCALL, "one Llama block, one token"},
+    {"layer_plan_size", py_layer_plan_size, METH_NOARGS, "the number of int64s in a decode_layer plan"},
     {"rmsnorm", py_rmsnorm, METH_VARARGS, "RMSNorm of one row"},
     {"attend", py_attend, METH_VARARGS, "attention of one new token over the cache"},
     {"supported", py_supported, METH_NOARGS, "(bf16 gemv, fp32 gemv usable) on this CPU"},

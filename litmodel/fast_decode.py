@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from litmodel.cpu_linear import GemvLinear, PackedLinear, fast_linear, kernels, on_threads
+from litmodel.cpu_linear import GEMV_KERNELS, GemvLinear, PackedLinear, fast_linear, kernels, on_threads
 from litmodel.int4 import Int4Linear
 from litmodel.layers import CausalSelfAttention, KVCache, RMSNorm, apply_rope
 from litmodel.llama import Block, SwiGLU
@@ -262,12 +262,15 @@ class DecodeBlock(Block):
             if kernels is not None and k.dtype in (torch.bfloat16, torch.float32) and k.is_contiguous() \
                     and cache.v.is_contiguous() and self.norms[0].dtype == k.dtype == self.norms[2].dtype:
                 native_dtype = k.dtype  # step_native for activations of this dtype
-            views = self.cache_views = (cache, k[0].transpose(1, 2), cache.v[0], k.size(0) == 1, native_dtype)
-        _, keys, values, one_row, native_dtype = views
+            views = self.cache_views = (cache, k[0].transpose(1, 2), cache.v[0], k.size(0) == 1, native_dtype,
+                                        self.native_plan(cache) if native_dtype is not None else None)
+        _, keys, values, one_row, native_dtype, plan = views
         if lo is None or not one_row:  # a mask (padding), or a cache of several rows
             return super().forward(x, cos, sin, mask, input_pos)
         threads = torch.get_num_threads()
         if x.dtype == native_dtype:
+            if plan is not None and x.is_contiguous():
+                return self.step_layer(plan, x, cos, sin, p, lo, threads)
             return self.step_native(x, cos, sin, cache, p, lo, threads)
         if threads == 1:
             return self.step_one(x, cos, sin, keys, values, p, lo, 1)
@@ -326,6 +329,55 @@ class DecodeBlock(Block):
         kernels.rmsnorm(x.data_ptr(), w_2.data_ptr(), h.data_ptr(), n, eps_2, is_bf16)
         gate, up = fc_fn(h, threads).chunk(2, dim=-1)
         return (x + down_fn(F.silu(gate).mul_(up), threads)).view(1, 1, -1)
+
+
+    def native_plan(self, cache: KVCache) -> tuple | None:
+        """The plan of `kernels.decode_layer` (the whole step in one C call, see `litmodel/_kernels.c`) for
+        this block and ``cache``, or None where a product has no C kernel for the cache's dtype (the step then
+        takes `step_native`). Holds the tensors whose addresses it contains."""
+        dtype, a = cache.k.dtype, self.attn
+        if not hasattr(kernels, "decode_layer"):
+            return None
+        products, held = [], []
+        for layer in (a.qkv, a.proj, self.mlp.fc, self.mlp.proj):
+            b = layer.bias
+            if b is not None and (b.dtype != dtype or not b.is_contiguous()):
+                return None
+            if type(layer) is GemvLinear and layer.weight.dtype == dtype and dtype in GEMV_KERNELS \
+                    and layer.weight.is_contiguous():
+                kind, w, scales, group = (0 if dtype == torch.bfloat16 else 1), layer.weight.detach(), None, 0
+            elif type(layer) is Int4Linear and layer.layout == "litmodel" and dtype == torch.bfloat16:
+                kind, w, scales, group = 2, layer.weight, layer.scales_and_zeros, layer.group_size
+            else:
+                return None
+            products.append((kind, w.data_ptr(), 0 if scales is None else scales.data_ptr(), group,
+                             0 if b is None else b.data_ptr(), layer.out_features, layer.in_features))
+            held += [w, scales, b]
+        H, G, hs, scale = self.sizes
+        n, inter, S = a.qkv.in_features, self.mlp.fc.out_features // 2, cache.k.size(2)
+        buffers = [torch.empty(size, dtype=dtype) for size in (n, a.qkv.out_features, H * hs, n, 2 * inter, inter, n)]
+        scores, work = torch.empty(H * S), torch.empty((2 * H + 1) * hs)
+        w_1, eps_1, w_2, eps_2 = self.norms
+        plan = torch.tensor([dtype == torch.bfloat16, n, H, G, hs, S, cache.k.data_ptr(), cache.v.data_ptr(),
+                             w_1.data_ptr(), w_2.data_ptr(), *(t.data_ptr() for t in buffers), scores.data_ptr(),
+                             work.data_ptr(), inter, *(v for p in products for v in p)], dtype=torch.int64)
+        assert plan.numel() == kernels.layer_plan_size()
+        eps_scale = torch.tensor([eps_1, eps_2, scale], dtype=torch.float64)
+        return plan.data_ptr(), eps_scale.data_ptr(), S, (plan, eps_scale, buffers, scores, work, held, cache, w_1, w_2)
+
+    def step_layer(self, plan: tuple, x, cos, sin, p: int, lo: int, threads: int) -> torch.Tensor:
+        """`step_native` in one C call (`kernels.decode_layer`), with the plan of `native_plan`."""
+        plan_ptr, eps_scale_ptr, slots, _ = plan
+        if p >= slots:
+            raise IndexError(f"position {p} is past the end of the KV cache ({slots} slots)")
+        out = torch.empty_like(x)
+        if self.use_rope and cos is not None:
+            c, s = self.step.cos_sin(cos, sin)
+            kernels.decode_layer(plan_ptr, eps_scale_ptr, x.data_ptr(), out.data_ptr(), c.data_ptr(), s.data_ptr(),
+                                 c.numel(), p, lo, threads)
+        else:
+            kernels.decode_layer(plan_ptr, eps_scale_ptr, x.data_ptr(), out.data_ptr(), 0, 0, 0, p, lo, threads)
+        return out
 
 
 def prepare_fast_decode(model: nn.Module, pack_linears: bool = True, fuse_blocks: bool = True) -> nn.Module:
