@@ -26,18 +26,22 @@ from litmodel.utils import LitModelError
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+NATIVE_PLAN = DecodeBlock.native_plan
 
 
-@pytest.fixture(params=["c-kernels", "torch-only"])
+@pytest.fixture(params=["c-layer", "c-kernels", "torch-only"])
 def kernels(request, monkeypatch):
-    """Run a test with litmodel's C kernels (`GemvLinear`, `DecodeBlock.step_native`) and without them (oneDNN's
-    `PackedLinear`, `DecodeBlock.step_one` in torch ops: what a machine without the built kernels gets)."""
+    """Run a test with litmodel's C kernels: each Llama layer one C call (`DecodeBlock.step_layer`), or a
+    few (`GemvLinear`, `DecodeBlock.step_native`); and without them (oneDNN's `PackedLinear`,
+    `DecodeBlock.step_one` in torch ops: what a machine without the built kernels gets)."""
     if request.param == "torch-only":
         monkeypatch.setattr(cpu_linear, "GEMV_KERNELS", {})
         monkeypatch.setattr(fast_decode, "kernels", None)
     elif not cpu_linear.GEMV_KERNELS:
         pytest.skip("litmodel's C kernels are not built (or not usable) here")
-    return GemvLinear if request.param == "c-kernels" else PackedLinear
+    elif request.param == "c-kernels":
+        monkeypatch.setattr(DecodeBlock, "native_plan", lambda self, cache: None)
+    return PackedLinear if request.param == "torch-only" else GemvLinear
 
 
 def tiny(arch: str = "llama", std: float = 0.3, seed: int = 0, **kw):
@@ -247,6 +251,28 @@ def test_int4_kernel_equals_the_packing_format(group_size, in_features, int4_lay
     # and the quantization is close to the float weights (at most half a step per group)
     step = sz[..., 0].t().repeat_interleave(group_size, dim=1)
     assert ((dequantize_int4(q, sz, group_size) - lin.weight).abs() <= step / 2 + 1e-6).all()
+
+
+def test_int4_model_fused_step_equals_unfused(kernels):
+    """An int4 model (bf16 activations) decodes through the fused step (one C call per layer with litmodel's
+    int4 kernel; `step_native`; `step_one`) as through its plain blocks: the same logits within bf16 rounding
+    and the same greedy tokens."""
+    model = tiny(std=0.1).to(torch.bfloat16)
+    q = quantize_int4(copy.deepcopy(model), 64)
+    fused = prepare_fast_decode(copy.deepcopy(q), pack_linears=False)
+    plain = prepare_fast_decode(copy.deepcopy(q), pack_linears=False, fuse_blocks=False)
+    assert type(fused.blocks[0]) is DecodeBlock and type(plain.blocks[0]) is Block
+    prompt = [3, 14, 15, 92, 65, 35, 89]
+    with torch.no_grad():
+        for m in (fused, plain):
+            m.set_kv_cache(1, 32, dtype=torch.bfloat16)  # the activations' dtype (the head's weight is int4)
+            m(torch.tensor([prompt]), torch.arange(7))
+        for pos in range(7, 12):
+            a, b = (m(torch.tensor([[pos * 7 % 96]]), torch.tensor([pos])).float() for m in (fused, plain))
+            assert (a - b).abs().max() <= 2e-2 * b.abs().max(), (a - b).abs().max()
+        if kernels is GemvLinear and int4.C_KERNEL and DecodeBlock.native_plan is NATIVE_PLAN:
+            assert all(b.cache_views[5] is not None for b in fused.blocks)  # one C call per layer
+    assert list(generate(fused, prompt, 12, temperature=0)) == list(generate(plain, prompt, 12, temperature=0))
 
 
 def test_int4_unsupported_widths_fall_back_with_a_log_line(caplog):
