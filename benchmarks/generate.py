@@ -26,10 +26,11 @@ default before them: one module call per attention, norm and linear);
 attention/norm swap); ``lit-*-compile`` `torch.compile`d (first call compiles: minutes).
 
 Speculative: a SmolLM2-360M-shaped target (random weights), greedy, ``--speculative_k`` tokens per round, with
-two drafts that agree with it often: the target's first ``--draft_layers`` blocks plus its final norm and head
-(same weights, no copy) and the target's weights in int4 (self-speculative). tokens/s of the target alone vs
-with each draft, acceptance rate, and whether the tokens are the same (in bf16 the k+1-token verification
-rounds differently from one-token steps, so near-ties can flip; fp32 is exact).
+three drafts that agree with it often: the target's first ``--draft_layers`` blocks plus its final norm and head
+(same weights, no copy), the same in int4 (a copy; `generate/base.py --draft_quantize int4`) and the target's
+weights in int4 (self-speculative). tokens/s of the target alone vs with each draft, acceptance rate, and
+whether the tokens are the same (with litmodel's C kernels the k+1-token verification computes each token as a
+one-token step does, so they are, in bf16 too; elsewhere bf16 rounding can flip near-ties).
 """
 
 from __future__ import annotations
@@ -263,6 +264,9 @@ def speculative_table(args, default_dtype):
     drafts = {}
     if "int4" in args.drafts:  # self-speculative: the target's own weights in int4 (made before packing)
         drafts["int4 copy of the target"] = prepare_model(copy.deepcopy(target), quantize="int4")
+    if "truncated-int4" in args.drafts:  # the truncated draft below, its weights in int4 (--draft_quantize int4)
+        drafts[f"first {args.draft_layers} blocks + head, int4"] = prepare_model(
+            copy.deepcopy(truncated_draft(target, args.draft_layers)), quantize="int4")
     target = prepare_model(target)
     if "truncated" in args.drafts:
         drafts[f"first {args.draft_layers} blocks + head"] = truncated_draft(target, args.draft_layers)
@@ -304,8 +308,9 @@ def main() -> None:
     p.add_argument("--speculative", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
     p.add_argument("--speculative_k", type=int, default=4)
     p.add_argument("--draft_layers", type=int, default=4)
-    p.add_argument("--drafts", default="truncated,int4", help="speculative drafts: truncated (the target's first "
-                   "--draft_layers blocks + head), int4 (the target quantized to int4)")
+    p.add_argument("--drafts", default="truncated,truncated-int4,int4", help="speculative drafts: truncated (the "
+                   "target's first --draft_layers blocks + head), truncated-int4 (the same in int4), int4 (the target "
+                   "quantized to int4)")
     p.add_argument("--spec_new", type=int, default=64, help="new tokens per speculative run")
     p.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
     args = p.parse_args()

@@ -445,16 +445,16 @@ static void group_sums(const void *x, int64_t n_sums, int64_t group, float *sums
     }
 }
 
-static void product(const int64_t *pr, const void *x, void *y, int threads) { /* y = W x (+ b), one row */
+static void product(const int64_t *pr, const void *x, void *y, int m, int threads) { /* y = x W^T (+ b), m rows */
     const void *w = (const void *)pr[1], *b = (const void *)pr[4];
     int64_t n = pr[5], k = pr[6];
     if (pr[0] == LIN_INT4) {
-        float sums[k / 64 + 1];
-        group_sums(x, k / pr[3], pr[3], sums);
+        float sums[m * (k / 64) + 1];
+        group_sums(x, m * (k / pr[3]), pr[3], sums);
         int4_in in = {x, sums, (const bf16 *)pr[2], pr[3]};
-        gemv(rows_int4, w, &in, b, y, n, k, 1, threads);
+        gemv(rows_int4, w, &in, b, y, n, k, m, threads);
     } else {
-        gemv(pr[0] == LIN_BF16 ? rows_bf16 : has_avx512 ? rows_f32_avx512 : rows_f32_avx2, w, x, b, y, n, k, 1, threads);
+        gemv(pr[0] == LIN_BF16 ? rows_bf16 : has_avx512 ? rows_f32_avx512 : rows_f32_avx2, w, x, b, y, n, k, m, threads);
     }
 }
 
@@ -484,24 +484,34 @@ static inline __attribute__((always_inline)) void swiglu_body(const void *gate_u
 CLONES static void swiglu_bf16(const void *gate_up, void *g, int64_t n) { swiglu_body(gate_up, g, n, 1); }
 CLONES static void swiglu_f32(const void *gate_up, void *g, int64_t n) { swiglu_body(gate_up, g, n, 0); }
 
+/* m <= MAX_M consecutive tokens at slots p..p+m-1 (x, out: m rows of n; cos, sin: m rows of n_rot), token i
+ * seeing slots lo_i..p+i with lo_i = lo, or the last `window` slots where window > 0. Each product makes one pass
+ * over the weights for all rows, and each row comes out the same, bit for bit, as alone. */
 static void decode_layer(const int64_t *P, const double *eps_scale, const void *x, void *out, const float *cos,
-                         const float *sin, int64_t n_rot, int64_t p, int64_t lo, int threads) {
+                         const float *sin, int64_t n_rot, int64_t p, int64_t lo, int64_t window, int m, int threads) {
     int is_bf16 = (int)P[P_IS_BF16];
-    int64_t n = P[P_N];
-    void *h = (void *)P[P_H_BUF], *qkv = (void *)P[P_QKV_BUF], *y = (void *)P[P_Y_BUF], *mid = (void *)P[P_MID_BUF];
-    void *fc = (void *)P[P_FC_BUF], *g = (void *)P[P_G_BUF], *t = (void *)P[P_T_BUF];
-    (is_bf16 ? rmsnorm_bf16 : rmsnorm_f32)(x, (const void *)P[P_NORM_1], h, n, (float)eps_scale[0]);
-    product(P + P_QKV, h, qkv, threads);
-    (is_bf16 ? attend_bf16 : attend_f32)(qkv, cos, sin, n_rot, (void *)P[P_K_CACHE], (void *)P[P_V_CACHE], P[P_S], p,
-                                         lo, P[P_H], P[P_G], P[P_HS], (float)eps_scale[2], y, (float *)P[P_SCORES],
-                                         (float *)P[P_WORK], threads);
-    product(P + P_PROJ, y, t, threads);
-    (is_bf16 ? add_bf16 : add_f32)(x, t, mid, n);
-    (is_bf16 ? rmsnorm_bf16 : rmsnorm_f32)(mid, (const void *)P[P_NORM_2], h, n, (float)eps_scale[1]);
-    product(P + P_FC, h, fc, threads);
-    (is_bf16 ? swiglu_bf16 : swiglu_f32)(fc, g, P[P_INTER]);
-    product(P + P_DOWN, g, t, threads);
-    (is_bf16 ? add_bf16 : add_f32)(mid, t, out, n);
+    int64_t n = P[P_N], size = is_bf16 ? 2 : 4, H = P[P_H], G = P[P_G], hs = P[P_HS], inter = P[P_INTER];
+    char *h = (char *)P[P_H_BUF], *qkv = (char *)P[P_QKV_BUF], *y = (char *)P[P_Y_BUF], *mid = (char *)P[P_MID_BUF];
+    char *fc = (char *)P[P_FC_BUF], *g = (char *)P[P_G_BUF], *t = (char *)P[P_T_BUF];
+    void (*rmsnorm)(const void *, const void *, void *, int64_t, float) = is_bf16 ? rmsnorm_bf16 : rmsnorm_f32;
+    for (int i = 0; i < m; i++)
+        rmsnorm((const char *)x + i * n * size, (const void *)P[P_NORM_1], h + i * n * size, n, (float)eps_scale[0]);
+    product(P + P_QKV, h, qkv, m, threads);
+    for (int i = 0; i < m; i++) { /* token i writes its cache slot before token i + 1 reads it */
+        int64_t at = p + i, from = window > 0 ? (at + 1 - window > 0 ? at + 1 - window : 0) : lo;
+        (is_bf16 ? attend_bf16 : attend_f32)(qkv + i * (H + 2 * G) * hs * size, cos + i * n_rot, sin + i * n_rot, n_rot,
+                                             (void *)P[P_K_CACHE], (void *)P[P_V_CACHE], P[P_S], at, from, H, G, hs,
+                                             (float)eps_scale[2], y + i * H * hs * size, (float *)P[P_SCORES],
+                                             (float *)P[P_WORK], threads);
+    }
+    product(P + P_PROJ, y, t, m, threads);
+    (is_bf16 ? add_bf16 : add_f32)(x, t, mid, m * n);
+    for (int i = 0; i < m; i++)
+        rmsnorm(mid + i * n * size, (const void *)P[P_NORM_2], h + i * n * size, n, (float)eps_scale[1]);
+    product(P + P_FC, h, fc, m, threads);
+    for (int i = 0; i < m; i++) (is_bf16 ? swiglu_bf16 : swiglu_f32)(fc + i * 2 * inter * size, g + i * inter * size, inter);
+    product(P + P_DOWN, g, t, m, threads);
+    (is_bf16 ? add_bf16 : add_f32)(mid, t, out, m * n);
 }
 
 /* ---------------------------------------------------------------- Python bindings */
@@ -619,25 +629,26 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* decode_layer(plan, eps_scale, x, out, cos, sin, n_rot, p, lo, threads): see decode_layer() */
+/* decode_layer(plan, eps_scale, x, out, cos, sin, n_rot, p, lo, window, m, threads): see decode_layer() */
 static PyObject *py_decode_layer(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 10) return PyErr_Format(PyExc_TypeError, "expected 10 arguments");
+    if (nargs != 12) return PyErr_Format(PyExc_TypeError, "expected 12 arguments");
     void *ptr[6];
     for (int i = 0; i < 6; i++) {
         ptr[i] = PyLong_AsVoidPtr(args[i]);
         if (PyErr_Occurred()) return NULL;
     }
-    long long n_rot = PyLong_AsLongLong(args[6]), p = PyLong_AsLongLong(args[7]), lo = PyLong_AsLongLong(args[8]);
-    long threads = PyLong_AsLong(args[9]);
+    long long n_rot = PyLong_AsLongLong(args[6]), p = PyLong_AsLongLong(args[7]), lo = PyLong_AsLongLong(args[8]),
+              window = PyLong_AsLongLong(args[9]);
+    long m = PyLong_AsLong(args[10]), threads = PyLong_AsLong(args[11]);
     if (PyErr_Occurred()) return NULL;
     const int64_t *P = ptr[0];
     if (!P || !ptr[1] || !ptr[2] || !ptr[3] || (n_rot && (!ptr[4] || !ptr[5])) || n_rot < 0 || n_rot > P[P_HS] ||
-        n_rot % 2 || p < 0 || p >= P[P_S] || lo < 0 || lo > p)
+        n_rot % 2 || m < 1 || m > MAX_M || p < 0 || p + m > P[P_S] || lo < 0 || lo > p || window < 0)
         return PyErr_Format(PyExc_ValueError, "bad decode_layer arguments");
-    if ((P[P_IS_BF16] || P[P_QKV] == LIN_INT4) && !has_bf16)
-        return PyErr_Format(PyExc_RuntimeError, "this CPU has no AVX512-BF16");
+    if (P[P_IS_BF16] && !has_bf16) return PyErr_Format(PyExc_RuntimeError, "this CPU has no AVX512-BF16");
     if (forked || threads < 1) threads = 1;
-    Py_BEGIN_ALLOW_THREADS decode_layer(P, ptr[1], ptr[2], ptr[3], ptr[4], ptr[5], n_rot, p, lo, (int)threads);
+    Py_BEGIN_ALLOW_THREADS decode_layer(P, ptr[1], ptr[2], ptr[3], ptr[4], ptr[5], n_rot, p, lo, window, (int)m,
+                                        (int)threads);
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 

@@ -33,9 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from litmodel.cpu_linear import GEMV_KERNELS, GemvLinear, PackedLinear, fast_linear, kernels, on_threads
+from litmodel.cpu_linear import GEMV_KERNELS, KERNEL_ROWS, GemvLinear, PackedLinear, fast_linear, kernels, on_threads
 from litmodel.int4 import Int4Linear
-from litmodel.layers import CausalSelfAttention, KVCache, RMSNorm, apply_rope
+from litmodel.layers import CausalSelfAttention, KVCache, RMSNorm, apply_rope, build_mask
 from litmodel.llama import Block, SwiGLU
 from litmodel.quantize import DecodeLinear, swap_modules
 
@@ -82,6 +82,7 @@ class StepCache:
         self.pos_in, self.pos, self.ranges = None, -1, {}
         self.rot_in, self.rot, self.rot_bases = None, None, {}
         self.cs_in, self.cs = None, None
+        self.rows: dict = {}
 
     def position(self, input_pos: torch.Tensor) -> int:
         """The slot of ``input_pos`` (1,) (a host read of a CPU tensor: read in every layer, so that a
@@ -102,6 +103,20 @@ class StepCache:
             ok = mask.numel() == mask.size(-1) and bool(row[lo:length].all() & ~row[:lo].any())
             self.ranges[key] = (mask, lo if ok else None)  # the mask is held: its id stays unique
         return self.ranges[key][1]
+
+    def causal_rows(self, input_pos: torch.Tensor, mask: torch.Tensor, window: int | None) -> tuple[int, int] | None:
+        """(p, lo) when the T queries of ``input_pos`` sit at slots p..p+T-1 and ``mask`` lets each see exactly
+        the causal prefix cut to the ``window`` (lo: the first query's first slot), else None. Checked once per
+        step (the same tensors) and window."""
+        p = int(input_pos[0])
+        key = (id(input_pos), id(mask), p, window)
+        if key not in self.rows:
+            T, S = input_pos.numel(), mask.size(-1)
+            ok = p + T <= S and torch.equal(input_pos, torch.arange(p, p + T)) and \
+                torch.equal(mask, build_mask(T, input_pos, S, window, None, mask.device))
+            lo = max(0, p + 1 - window) if window is not None else 0
+            self.rows = {key: ((p, lo) if ok else None, input_pos, mask)}  # held: their ids stay unique
+        return self.rows[key][0]
 
     def rotation(self, cos: torch.Tensor, sin: torch.Tensor, head_size: int) -> torch.Tensor:
         """The (head_size, head_size) float32 matrix R with ``x @ R == apply_rope(x, cos, sin)`` for one
@@ -250,12 +265,9 @@ class DecodeBlock(Block):
 
     def forward(self, x, cos, sin, mask, input_pos):
         cache = self.attn.kv_cache
-        if x.size(0) != 1 or x.size(1) != 1 or mask is None or input_pos is None or type(cache) is not KVCache \
-                or mask.dtype != torch.bool or input_pos.shape != (1,):
+        if x.size(0) != 1 or mask is None or input_pos is None or type(cache) is not KVCache \
+                or mask.dtype != torch.bool or input_pos.dim() != 1:
             return super().forward(x, cos, sin, mask, input_pos)
-        step = self.step
-        p = step.position(input_pos)
-        lo = step.visible_from(mask, p + 1, self.window)
         views = self.cache_views
         if views is None or views[0] is not cache:  # a new cache: what this block can do with it, found once
             k, native_dtype = cache.k, None
@@ -265,6 +277,18 @@ class DecodeBlock(Block):
             views = self.cache_views = (cache, k[0].transpose(1, 2), cache.v[0], k.size(0) == 1, native_dtype,
                                         self.native_plan(cache) if native_dtype is not None else None)
         _, keys, values, one_row, native_dtype, plan = views
+        step, T = self.step, x.size(1)
+        if T > 1:  # a few tokens (a speculative verification, a short prompt): one C call per layer, or the general path
+            if plan is None or T > KERNEL_ROWS or not one_row or x.dtype != native_dtype or not x.is_contiguous():
+                return super().forward(x, cos, sin, mask, input_pos)
+            p_lo = step.causal_rows(input_pos, mask, self.window)
+            if p_lo is None:
+                return super().forward(x, cos, sin, mask, input_pos)
+            return self.step_layer(plan, x, cos, sin, *p_lo, torch.get_num_threads())
+        if input_pos.shape != (1,):
+            return super().forward(x, cos, sin, mask, input_pos)
+        p = step.position(input_pos)
+        lo = step.visible_from(mask, p + 1, self.window)
         if lo is None or not one_row:  # a mask (padding), or a cache of several rows
             return super().forward(x, cos, sin, mask, input_pos)
         threads = torch.get_num_threads()
@@ -355,7 +379,8 @@ class DecodeBlock(Block):
             held += [w, scales, b]
         H, G, hs, scale = self.sizes
         n, inter, S = a.qkv.in_features, self.mlp.fc.out_features // 2, cache.k.size(2)
-        buffers = [torch.empty(size, dtype=dtype) for size in (n, a.qkv.out_features, H * hs, n, 2 * inter, inter, n)]
+        sizes = (n, a.qkv.out_features, H * hs, n, 2 * inter, inter, n)  # per token, for up to KERNEL_ROWS tokens
+        buffers = [torch.empty(KERNEL_ROWS * size, dtype=dtype) for size in sizes]
         scores, work = torch.empty(H * S), torch.empty((2 * H + 1) * hs)
         w_1, eps_1, w_2, eps_2 = self.norms
         plan = torch.tensor([dtype == torch.bfloat16, n, H, G, hs, S, cache.k.data_ptr(), cache.v.data_ptr(),
@@ -366,17 +391,20 @@ class DecodeBlock(Block):
         return plan.data_ptr(), eps_scale.data_ptr(), S, (plan, eps_scale, buffers, scores, work, held, cache, w_1, w_2)
 
     def step_layer(self, plan: tuple, x, cos, sin, p: int, lo: int, threads: int) -> torch.Tensor:
-        """`step_native` in one C call (`kernels.decode_layer`), with the plan of `native_plan`."""
+        """`step_native` in one C call (`kernels.decode_layer`, plan from `native_plan`) for the T <= 8 tokens
+        of ``x`` (1, T, n) at slots p..p+T-1, the first seeing slots lo..p (a window, if any, moves along)."""
         plan_ptr, eps_scale_ptr, slots, _ = plan
-        if p >= slots:
-            raise IndexError(f"position {p} is past the end of the KV cache ({slots} slots)")
-        out = torch.empty_like(x)
+        T = x.size(1)
+        if p + T > slots:
+            raise IndexError(f"position {p + T - 1} is past the end of the KV cache ({slots} slots)")
+        out, window = torch.empty_like(x), self.window or 0
         if self.use_rope and cos is not None:
             c, s = self.step.cos_sin(cos, sin)
             kernels.decode_layer(plan_ptr, eps_scale_ptr, x.data_ptr(), out.data_ptr(), c.data_ptr(), s.data_ptr(),
-                                 c.numel(), p, lo, threads)
+                                 c.numel() // T, p, lo, window, T, threads)
         else:
-            kernels.decode_layer(plan_ptr, eps_scale_ptr, x.data_ptr(), out.data_ptr(), 0, 0, 0, p, lo, threads)
+            kernels.decode_layer(plan_ptr, eps_scale_ptr, x.data_ptr(), out.data_ptr(), 0, 0, 0, p, lo, window, T,
+                                 threads)
         return out
 
 

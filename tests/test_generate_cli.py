@@ -226,8 +226,8 @@ def test_help_explains_every_flag(capsys):
 
 # ---- speed paths: int4, speculative decoding (issue 18) -------------------------------------------------------
 def test_base_int4_and_speculative_decoding(ckpt, tmp_path, capsys):
-    """--quantize int4 runs; --draft_checkpoint_dir gives exactly the target's greedy text and prints the
-    acceptance rate; bad drafts and --speculative_k 0 are one-line errors."""
+    """--quantize int4 runs; --draft_checkpoint_dir (also an int4 draft) gives exactly the target's greedy text
+    and prints the acceptance rate; bad drafts and --speculative_k 0 are one-line errors."""
     base = ["--prompt", "The quick", "--max_new_tokens", "12", "--temperature", "0", "--precision", "32-true"]
     code, plain, err = call("base", ["--checkpoint_dir", str(ckpt), *base], capsys)
     assert code == 0, err
@@ -238,6 +238,10 @@ def test_base_int4_and_speculative_decoding(ckpt, tmp_path, capsys):
     code, q, err = call("base", ["--checkpoint_dir", str(ckpt), *base, "--quantize", "int4",
                                  "--int4_group_size", "32"], capsys)
     assert code == 0 and q.strip() and "int4" in err, err
+    # an int4 draft for the float32 target: still exactly the target's greedy text
+    code, spec4, err = call("base", ["--checkpoint_dir", str(ckpt), *base, "--draft_checkpoint_dir", str(ckpt),
+                                     "--draft_quantize", "int4", "--int4_group_size", "32"], capsys)
+    assert code == 0 and spec4 == plain and "draft tokens accepted" in err, err
     code, _, err = call("base", ["--checkpoint_dir", str(ckpt), *base, "--draft_checkpoint_dir", str(ckpt),
                                  "--speculative_k", "0"], capsys)
     assert code != 0 and err.startswith("error: ") and "--speculative_k must be >= 1" in err
