@@ -9,16 +9,19 @@
  *   bf16: AVX512-BF16 dot products (`vdpbf16ps`: bf16 pairs multiplied exactly, summed in float32), the
  *         result rounded to bf16 (to nearest even), as oneDNN does. Needs a CPU with AVX512-BF16.
  *   fp32: AVX-512 or AVX2 + FMA fused multiply-adds.
+ *   int4: groupwise codes in litmodel's layout (litmodel/int4.py), unpacked into bf16 and summed as bf16.
  *
  * rmsnorm, attend: the small steps between the products of one layer, each one call instead of 4-20 torch ops
  * of ~2 us each (see `DecodeBlock` in litmodel/fast_decode.py, which mirrors them op for op in torch); plain C
  * loops, vectorised by the compiler (`omp simd`) in clones for AVX-512, AVX2 and any x86-64 CPU.
+ * decode_layer: a whole Llama block for 1-8 tokens in one call (norms, products, attention, residuals, SiLU).
  *
  * Built by `pip install` as the extension `litmodel._kernels` (plain C, no torch headers: it takes data
  * pointers, so torch is not needed to build it); litmodel falls back to oneDNN and torch ops without it.
  * Python API (addresses as ints): gemv_bf16(w, x, b, y, n, k, m, threads) and gemv_f32(...) for m <= 8 rows
  * of x (b may be 0; gemv_f32_avx2 is gemv_f32's AVX2 version, for tests), rmsnorm(x, w, y, n, eps, is_bf16),
- * attend(...) (see py_attend), supported() -> (bf16 gemv usable, fp32 gemv usable) on this CPU.
+ * attend(...) (see py_attend), gemv_int4 and int4_dequant (see int4_call), decode_layer(...) (see py_decode_layer),
+ * supported() -> (bf16 gemv and int4 usable, fp32 gemv usable) on this CPU.
  * After editing this file, rebuild with `pip install -e .`.
  */
 #define PY_SSIZE_T_CLEAN

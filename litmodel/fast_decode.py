@@ -17,9 +17,10 @@ returns the model (same forward signature, same results within float rounding):
   RoPE ops, cache-slot writes, two batched matmuls and a softmax over the visible slots, the linear
   kernels called directly), not ~60 ops and a dozen module calls; everything else takes `Block.forward`
   with the modules above. Each op costs ~1-2 us of dispatch on this CPU, so ops, not arithmetic, were a
-  third of a SmolLM2-135M step. With litmodel's C extension built (`litmodel/_kernels.c`), the norms and
-  everything between the qkv and output products are single C calls (`DecodeBlock.step_native`): ~12 ops
-  per layer are left, the products, residual adds and SiLU.
+  third of a SmolLM2-135M step. With litmodel's C extension built (`litmodel/_kernels.c`), the whole step
+  of a layer is one C call (`DecodeBlock.step_layer`: norms, products, attention, residual adds, SiLU),
+  also for 2-8 tokens at once (a speculative verification: each token bit for bit as its one-token step);
+  where a product has no C kernel, the norms and attention still are (`DecodeBlock.step_native`).
 
 It is for inference only. Linear layers without a fast kernel on this CPU (bf16/fp16 without AVX512-BF16/
 AMX/AVX512-FP16) and non-CPU weights are left as they are.
@@ -236,7 +237,8 @@ class DecodeBlock(Block):
     * the linear kernels are called directly, the weights, sizes and views of the cache are looked up once.
 
     `step_one` is that step in torch ops; `step_native` is the same computation with the norms and the
-    attention part in litmodel's C kernels, used where they are built (tests run both).
+    attention part in litmodel's C kernels, and `step_layer` the whole of it in one C call, used where they
+    are built (tests run all three).
 
     Blocks with q/k norms, post-norms, a mixture of experts, a GeGLU or a softcap are not swapped.
     """
