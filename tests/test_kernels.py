@@ -148,14 +148,17 @@ def test_rmsnorm_kernel_equals_the_module(dtype):
 
 @needs_c
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("H,G,n_rot,lo", [(4, 2, 16, 0), (4, 4, 8, 3), (6, 1, 0, 0), (4, 2, 16, 5)])
-def test_attend_kernel_equals_reference(dtype, H, G, n_rot, lo):
+@pytest.mark.parametrize("H,G,n_rot,lo", [(4, 2, 16, 0), (4, 4, 8, 3), (6, 1, 0, 0), (4, 2, 16, 5), (9, 3, 16, 2)])
+@pytest.mark.parametrize("hs,S,p", [(16, 12, 7), (64, 60, 40), (24, 30, 20)])
+def test_attend_kernel_equals_reference(dtype, H, G, n_rot, lo, hs, S, p):
     """One token at slot p: q and k rotated (the first n_rot dims, none for 0), k and v written into the cache,
-    softmax attention over slots lo..p, per kv group (GQA/MQA/MHA) - against apply_rope + float64 attention."""
+    softmax attention over slots lo..p, per kv group (GQA/MQA/MHA) - against apply_rope + float64 attention.
+    Head sizes of 16 and 64 take the AVX-512 path (heads of a kv head together, 16 slots per reduction; 41 - lo
+    slots: a last partial block), 24 the generic loop."""
     from litmodel.layers import apply_rope
 
     torch.manual_seed(H * 10 + lo)
-    hs, S, p, scale = 16, 12, 7, 0.3
+    scale = 0.3
     qkv = torch.randn(H + 2 * G, hs, dtype=dtype)
     k_cache, v_cache = torch.randn(G, S, hs, dtype=dtype), torch.randn(G, S, hs, dtype=dtype)
     angles = torch.rand(n_rot // 2) * 3
