@@ -203,12 +203,14 @@ INT4_TARGET __attribute__((always_inline)) static inline void int4_rows_m(const 
             _mm512_storeu_ps(scale_f + g, s);
             __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), s, z);
             for (int j = 0; j < m; j++)
-                rest[j] = _mm512_fmadd_ps(offset, _mm512_maskz_loadu_ps(mask, in->group_sums + j * groups + g), rest[j]);
+                rest[j] = _mm512_fmadd_ps(offset, _mm512_maskz_loadu_ps(mask, in->group_sums + j * groups + g),
+                                          rest[j]);
         }
         for (int64_t blk = 0; blk < blocks; blk++) { /* 128 columns: 64 in the low nibbles, 64 in the high */
             __m512i p = _mm512_loadu_si512(codes + blk * 64);
             __m512i lo = _mm512_and_si512(p, low4), hi = _mm512_and_si512(_mm512_srli_epi16(p, 4), low4);
-            __m512 s_lo = _mm512_set1_ps(scale_f[(2 * blk) >> shift]), s_hi = _mm512_set1_ps(scale_f[(2 * blk + 1) >> shift]);
+            __m512 s_lo = _mm512_set1_ps(scale_f[(2 * blk) >> shift]);
+            __m512 s_hi = _mm512_set1_ps(scale_f[(2 * blk + 1) >> shift]);
             for (int j = 0; j < m; j++) {
                 const bf16 *x = in->x + j * k + blk * 128;
                 t_lo[j] = _mm512_fmadd_ps(s_lo, int4_dot64(lo, c, x), t_lo[j]);
@@ -379,7 +381,8 @@ ATT_TARGET static inline __m512 sum16(const __m512 *v) { /* lane i: the sum of v
     for (int i = 0; i < 8; i++)
         a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
     for (int i = 0; i < 4; i++)
-        b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44), _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
+        b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44),
+                             _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
     for (int i = 0; i < 2; i++)
         c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
                              _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
@@ -549,7 +552,8 @@ static void product(const int64_t *pr, const void *x, void *y, int m, int thread
         int4_in in = {x, sums, (const bf16 *)pr[2], pr[3]};
         gemv(rows_int4, w, &in, b, y, n, k, m, threads);
     } else {
-        gemv(pr[0] == LIN_BF16 ? rows_bf16 : has_avx512 ? rows_f32_avx512 : rows_f32_avx2, w, x, b, y, n, k, m, threads);
+        rows_fn fn = pr[0] == LIN_BF16 ? rows_bf16 : has_avx512 ? rows_f32_avx512 : rows_f32_avx2;
+        gemv(fn, w, x, b, y, n, k, m, threads);
     }
 }
 
@@ -604,7 +608,8 @@ static void decode_layer(const int64_t *P, const double *eps_scale, const void *
     for (int i = 0; i < m; i++)
         rmsnorm(mid + i * n * size, (const void *)P[P_NORM_2], h + i * n * size, n, (float)eps_scale[1]);
     product(P + P_FC, h, fc, m, threads);
-    for (int i = 0; i < m; i++) (is_bf16 ? swiglu_bf16 : swiglu_f32)(fc + i * 2 * inter * size, g + i * inter * size, inter);
+    for (int i = 0; i < m; i++)
+        (is_bf16 ? swiglu_bf16 : swiglu_f32)(fc + i * 2 * inter * size, g + i * inter * size, inter);
     product(P + P_DOWN, g, t, m, threads);
     (is_bf16 ? add_bf16 : add_f32)(mid, t, out, m * n);
 }

@@ -271,16 +271,17 @@ class DecodeBlock(Block):
                 or mask.dtype != torch.bool or input_pos.dim() != 1:
             return super().forward(x, cos, sin, mask, input_pos)
         views = self.cache_views
-        if views is None or views[0] is not cache:  # a new cache: what this block can do with it, found once
+        # a new cache, or a copy of this block (the plan holds addresses): what it can do with it, found once
+        if views is None or views[0] is not cache or views[6] != id(self):
             k, native_dtype = cache.k, None
             if kernels is not None and k.dtype in (torch.bfloat16, torch.float32) and k.is_contiguous() \
                     and cache.v.is_contiguous() and self.norms[0].dtype == k.dtype == self.norms[2].dtype:
                 native_dtype = k.dtype  # step_native for activations of this dtype
             views = self.cache_views = (cache, k[0].transpose(1, 2), cache.v[0], k.size(0) == 1, native_dtype,
-                                        self.native_plan(cache) if native_dtype is not None else None)
-        _, keys, values, one_row, native_dtype, plan = views
+                                        self.native_plan(cache) if native_dtype is not None else None, id(self))
+        _, keys, values, one_row, native_dtype, plan, _ = views
         step, T = self.step, x.size(1)
-        if T > 1:  # a few tokens (a speculative verification, a short prompt): one C call per layer, or the general path
+        if T > 1:  # a few tokens (a speculative verification, a short prompt): one C call per layer
             if plan is None or T > KERNEL_ROWS or not one_row or x.dtype != native_dtype or not x.is_contiguous():
                 return super().forward(x, cos, sin, mask, input_pos)
             p_lo = step.causal_rows(input_pos, mask, self.window)
@@ -355,7 +356,6 @@ class DecodeBlock(Block):
         kernels.rmsnorm(x.data_ptr(), w_2.data_ptr(), h.data_ptr(), n, eps_2, is_bf16)
         gate, up = fc_fn(h, threads).chunk(2, dim=-1)
         return (x + down_fn(F.silu(gate).mul_(up), threads)).view(1, 1, -1)
-
 
     def native_plan(self, cache: KVCache) -> tuple | None:
         """The plan of `kernels.decode_layer` (the whole step in one C call, see `litmodel/_kernels.c`) for

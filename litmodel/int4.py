@@ -9,7 +9,7 @@ keeps 4-bit codes q in 0..15 with a scale and a zero point (both bf16):
 Two codes per byte, in the layout of the kernel that multiplies them:
 
 * CPU with litmodel's C kernels (AVX512-BF16; groups of 64, 128 or 256): litmodel's layout (`pack_int4`) and
-  `gemv_int4` in `litmodel/_kernels.c` for up to 8 rows (a decode step, a speculative verification), ~2x
+  `gemv_int4` in `litmodel/_kernels.c` for up to 8 rows (a decode step, a speculative verification), 1.2-2x
   torch's int4 kernel on one row here; longer prompts dequantize the weight to bf16 (`int4_dequant`, one
   pass) and multiply it with oneDNN.
 * other CPUs, groups of 32: `torch.ops.aten._weight_int4pack_mm_for_cpu` (packing:
