@@ -253,6 +253,23 @@ def test_int4_kernel_equals_the_packing_format(group_size, in_features, int4_lay
     assert ((dequantize_int4(q, sz, group_size) - lin.weight).abs() <= step / 2 + 1e-6).all()
 
 
+def test_a_copied_model_decodes_with_its_own_cache(kernels):
+    """A deep copy of a fast model that has decoded (its blocks hold plans with the addresses of weights, caches
+    and buffers) writes its own cache, not the original's, and gives the same next logits."""
+    if kernels is PackedLinear:
+        pytest.skip("oneDNN's packed weights cannot be copied")
+    fast = prepare_fast_decode(tiny())
+    fast.set_kv_cache(1, 16)
+    with torch.no_grad():
+        fast(torch.tensor([[1, 2, 3]]), torch.arange(3))
+        fast(torch.tensor([[4]]), torch.tensor([3]))
+        twin = copy.deepcopy(fast)
+        before = fast.blocks[0].attn.kv_cache.k.clone()
+        a = twin(torch.tensor([[5]]), torch.tensor([4]))
+        assert torch.equal(fast.blocks[0].attn.kv_cache.k, before)
+        assert torch.equal(a, fast(torch.tensor([[5]]), torch.tensor([4])))
+
+
 def test_int4_model_fused_step_equals_unfused(kernels):
     """An int4 model (bf16 activations) decodes through the fused step (one C call per layer with litmodel's
     int4 kernel; `step_native`; `step_one`) as through its plain blocks: the same logits within bf16 rounding
