@@ -293,6 +293,7 @@ INT4_TARGET static void rows_int4_dequant(const void *wp, const void *xp, const 
  * second pool competing for the cores, and they are awake when a decode step calls in. */
 
 static int has_bf16, has_avx512, has_avx2; /* what this CPU has (set at import) */
+#define ROWS_F32 (has_avx512 ? rows_f32_avx512 : rows_f32_avx2)
 static int forked; /* libgomp's threads do not survive fork(): a forked child computes on one thread */
 static void after_fork_in_child(void) { forked = 1; }
 
@@ -552,8 +553,7 @@ static void product(const int64_t *pr, const void *x, void *y, int m, int thread
         int4_in in = {x, sums, (const bf16 *)pr[2], pr[3]};
         gemv(rows_int4, w, &in, b, y, n, k, m, threads);
     } else {
-        rows_fn fn = pr[0] == LIN_BF16 ? rows_bf16 : has_avx512 ? rows_f32_avx512 : rows_f32_avx2;
-        gemv(fn, w, x, b, y, n, k, m, threads);
+        gemv(pr[0] == LIN_BF16 ? rows_bf16 : ROWS_F32, w, x, b, y, n, k, m, threads);
     }
 }
 
@@ -640,7 +640,7 @@ static PyObject *py_gemv_bf16(PyObject *self, PyObject *const *args, Py_ssize_t 
 
 static PyObject *py_gemv_f32(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (!has_avx2) return PyErr_Format(PyExc_RuntimeError, "this CPU has no AVX2 + FMA");
-    return call(has_avx512 ? rows_f32_avx512 : rows_f32_avx2, args, nargs);
+    return call(ROWS_F32, args, nargs);
 }
 
 static PyObject *py_gemv_f32_avx2(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {

@@ -214,14 +214,11 @@ _ZERO = torch.zeros(())  # the ignored input of baddbmm(beta=0)
 
 def _linear_fn(layer: nn.Module):
     """``layer`` as a plain function of (x, threads) (no module call for the fast linear layers)."""
-    if type(layer) is GemvLinear:
+    if type(layer) in (GemvLinear, Int4Linear):
         return layer.decode_fn()
     if type(layer) is PackedLinear:
         return layer.row
-    if type(layer) is Int4Linear and layer.layout == "litmodel":
-        return layer.decode_fn()
-    fn = layer.decode if type(layer) is Int4Linear else layer  # its kernel runs on torch's threads
-    return lambda x, threads: on_threads(fn, x, threads)
+    return lambda x, threads: on_threads(layer, x, threads)  # its kernel runs on torch's threads
 
 
 class DecodeBlock(Block):

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from litmodel.cpu_linear import KERNEL_ROWS, kernels
+from litmodel.cpu_linear import KERNEL_ROWS, kernels, on_threads
 from litmodel.utils import LitModelError
 
 log = logging.getLogger(__name__)
@@ -129,21 +129,21 @@ class Int4Linear(nn.Module):
         if self.layout == "litmodel":
             return dequantize_int4(unpack_int4(self.weight), self.scales_and_zeros.permute(2, 0, 1), self.group_size)
         eye = torch.eye(self.in_features, dtype=ACT_DTYPE, device=self.weight.device)
-        bias, self.bias = self.bias, None
-        try:
-            return self.decode(eye).float().t().contiguous()
-        finally:
-            self.bias = bias
+        mm = torch.ops.aten._weight_int4pack_mm if self.layout == "tinygemm" else \
+            torch.ops.aten._weight_int4pack_mm_for_cpu
+        return mm(eye, self.weight, self.group_size, self.scales_and_zeros).float().t().contiguous()
 
     def decode(self, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
-        """`forward` without its reshapes and casts: ``x`` (rows, K) in bf16 on CPU -> (rows, N) in bf16 (+ bias)."""
+        """`forward` without its reshapes and casts: ``x`` (rows, K) in bf16 on CPU -> (rows, N) in bf16 (+ bias),
+        on ``threads`` threads (default: torch's count)."""
         if x.dtype != ACT_DTYPE or x.device.type != "cpu" or x.dim() != 2:
             return self(x)
+        threads = torch.get_num_threads() if threads is None else threads
         if self.layout != "litmodel":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_and_zeros)
+            y = on_threads(lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x, self.weight, self.group_size, self.scales_and_zeros), x, threads)
             return y + self.bias if self.bias is not None else y
         x = x.contiguous()
-        threads = torch.get_num_threads() if threads is None else threads
         b = self.bias if self.bias is not None and self.bias.dtype == ACT_DTYPE else None
         N, K, g = self.out_features, self.in_features, self.group_size
         if x.size(0) <= KERNEL_ROWS:  # a decode step, a speculative verification: one pass over the codes
@@ -159,7 +159,7 @@ class Int4Linear(nn.Module):
 
     def decode_fn(self):
         """``decode(x, threads)`` for the fused decode step (`litmodel.fast_decode.DecodeBlock`), with the
-        pointers and sizes looked up once for its one-row calls."""
+        pointers and sizes of litmodel's kernel looked up once for its one-row calls."""
         if self.layout != "litmodel" or (self.bias is not None and self.bias.dtype != ACT_DTYPE):
             return self.decode
         w, sz, b = self.weight, self.scales_and_zeros, self.bias
